@@ -1,0 +1,239 @@
+# This file is part of async_sqs.  The COPYRIGHT file at the top level of
+# this repository contains the full copyright notices and license terms.
+"""The wire format of deferred calls and of their results.
+
+A message is JSON written by Tryton's own encoder, so datetime, date, time,
+timedelta, Decimal and bytes keep their type; records travel as a reference
+(model name and id) and are browsed again by the reader."""
+import functools
+import json
+import re
+from collections import namedtuple
+
+from .exceptions import MessageError
+from .sqs import MAX_MESSAGE_SIZE
+
+#: Version of the format, refused when unknown.
+FORMAT_VERSION = 1
+#: Type tag of a record reference.
+RECORD_CLASS = 'async_sqs.Record'
+#: Pool types a call may name.
+KINDS = ('model', 'wizard', 'report')
+
+_TASK_ID = re.compile(r'^[0-9a-f]{32}$')
+_MODEL = re.compile(r'^[A-Za-z0-9_.]{1,128}$')
+_METHOD = re.compile(r'^[A-Za-z_][A-Za-z0-9_]{0,127}$')
+_DATABASE = re.compile(r'^[^\x00-\x1f/\\]{1,128}$')
+_CALL_KEYS = {
+    'v', 'task', 'database', 'user', 'context', 'model', 'kind', 'method',
+    'instance', 'args', 'kwargs', 'reply', 'queue'}
+_REPLY_KEYS = {'v', 'task', 'ok', 'result', 'error'}
+
+
+class RecordRef(namedtuple('RecordRef', ['model', 'id'])):
+    "A record as it travels: its model name and id."
+    __slots__ = ()
+
+
+Call = namedtuple('Call', [
+        'task', 'database', 'user', 'context', 'model', 'kind', 'method',
+        'instance', 'args', 'kwargs', 'reply', 'queue'])
+Call.__doc__ = "The description of one deferred call."
+
+Reply = namedtuple('Reply', ['task', 'ok', 'result', 'error'])
+Reply.__doc__ = "The outcome of one call: its result, or its error."
+
+
+@functools.cache
+def _codec():
+    # trytond.protocols imports trytond.backend, which picks the database
+    # backend from the configuration: not before the console script read it
+    from trytond.model import Model
+    from trytond.protocols.jsonrpc import JSONDecoder, JSONEncoder
+
+    class Encoder(JSONEncoder):
+
+        def default(self, obj):
+            if isinstance(obj, Model):
+                if obj.id is None or obj.id < 0:
+                    raise TypeError(
+                        "%s is not saved: only stored records can travel"
+                        % obj)
+                return {'__class__': RECORD_CLASS,
+                    'model': obj.__name__, 'id': obj.id}
+            if isinstance(obj, RecordRef):
+                return {'__class__': RECORD_CLASS,
+                    'model': obj.model, 'id': obj.id}
+            return super().default(obj)
+
+    tryton_decoder = JSONDecoder()
+
+    def object_hook(dct):
+        if dct.get('__class__') == RECORD_CLASS:
+            model, id_ = dct.get('model'), dct.get('id')
+            if (not isinstance(model, str) or not _MODEL.match(model)
+                    or type(id_) is not int or id_ < 0):
+                raise ValueError("malformed record reference")
+            return RecordRef(model, id_)
+        return tryton_decoder(dct)
+    return Encoder, object_hook
+
+
+def _refuse_constant(name):
+    raise ValueError("%s is not a number JSON allows" % name)
+
+
+def dumps(value):
+    "Return the JSON text of value, with Tryton's types and records."
+    encoder, _ = _codec()
+    return json.dumps(value, cls=encoder, separators=(',', ':'))
+
+
+def loads(text):
+    "Return the value of the JSON text, records as RecordRef."
+    _, object_hook = _codec()
+    return json.loads(
+        text, object_hook=object_hook, parse_constant=_refuse_constant)
+
+
+def check_size(body):
+    "Raise ValueError if the body is over the size SQS accepts."
+    size = len(body.encode('utf-8'))
+    if size > MAX_MESSAGE_SIZE:
+        raise ValueError(
+            "the message is %s bytes, over the SQS limit of %s bytes"
+            % (size, MAX_MESSAGE_SIZE))
+
+
+def encode_call(call):
+    "Return the message body of the call."
+    body = dumps({
+            'v': FORMAT_VERSION,
+            'task': call.task,
+            'database': call.database,
+            'user': call.user,
+            'context': call.context,
+            'model': call.model,
+            'kind': call.kind,
+            'method': call.method,
+            'instance': call.instance,
+            'args': call.args,
+            'kwargs': call.kwargs,
+            'reply': call.reply,
+            'queue': call.queue,
+            })
+    check_size(body)
+    return body
+
+
+def _parse(body, keys, message_id):
+    if not isinstance(body, str):
+        raise MessageError("body is not text", message_id)
+    try:
+        data = loads(body)
+    except (ValueError, TypeError, KeyError, OverflowError,
+            RecursionError) as exc:
+        raise MessageError(
+            "body is not valid JSON: %s" % exc, message_id) from exc
+    if not isinstance(data, dict):
+        raise MessageError("body is not a JSON object", message_id)
+    task_id = data.get('task')
+    if not isinstance(task_id, str) or not _TASK_ID.match(task_id):
+        raise MessageError("task id is missing or malformed", message_id)
+    if data.get('v') != FORMAT_VERSION or type(data['v']) is not int:
+        raise MessageError(
+            "unknown format version %r" % (data.get('v'),),
+            message_id, task_id)
+    if set(data) != keys:
+        raise MessageError(
+            "fields %s are missing or unknown" % ', '.join(
+                sorted(set(data) ^ keys)), message_id, task_id)
+    return data, task_id
+
+
+def _is_plain(value, depth=0):
+    "Tell whether value holds no record and stays within a sane depth."
+    if depth > 32 or isinstance(value, RecordRef):
+        return False
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(v, depth + 1)
+            for k, v in value.items())
+    if isinstance(value, list):
+        return all(_is_plain(v, depth + 1) for v in value)
+    return True
+
+
+def decode_call(body, message_id=None):
+    "Return the Call of a message body or raise MessageError."
+    data, task_id = _parse(body, _CALL_KEYS, message_id)
+
+    def check(ok, reason):
+        if not ok:
+            raise MessageError(reason, message_id, task_id)
+    database = data['database']
+    check(isinstance(database, str) and _DATABASE.match(database),
+        "database name is malformed")
+    user = data['user']
+    check(type(user) is int and 0 <= user < 2 ** 63, "user id is malformed")
+    check(isinstance(data['context'], dict) and _is_plain(data['context']),
+        "context is not plain data")
+    check(isinstance(data['model'], str) and _MODEL.match(data['model']),
+        "model name is malformed")
+    check(data['kind'] in KINDS, "kind is not one of %s" % ', '.join(KINDS))
+    check(isinstance(data['method'], str) and _METHOD.match(data['method'])
+        and not data['method'].startswith('__'), "method name is malformed")
+    instance = data['instance']
+    check(instance is None
+        or (type(instance) is int and 0 <= instance < 2 ** 63),
+        "instance id is malformed")
+    check(isinstance(data['args'], list), "args is not a list")
+    check(isinstance(data['kwargs'], dict), "kwargs is not an object")
+    check(all(_METHOD.match(k) for k in data['kwargs']),
+        "a keyword argument name is malformed")
+    check(type(data['reply']) is bool, "reply is not a boolean")
+    check(isinstance(data['queue'], str), "queue is not text")
+    return Call(task=task_id, database=database, user=user,
+        context=data['context'], model=data['model'], kind=data['kind'],
+        method=data['method'], instance=instance, args=data['args'],
+        kwargs=data['kwargs'], reply=data['reply'], queue=data['queue'])
+
+
+def encode_reply(task_id, result=None, error=None):
+    """Return the message body of a result, or of an error.
+
+    error is a dict with type, message, description and traceback."""
+    body = {
+        'v': FORMAT_VERSION,
+        'task': task_id,
+        'ok': error is None,
+        'result': result if error is None else None,
+        'error': error,
+        }
+    text = dumps(body)
+    check_size(text)
+    return text
+
+
+def decode_reply(body, message_id=None):
+    "Return the Reply of a message body or raise MessageError."
+    data, task_id = _parse(body, _REPLY_KEYS, message_id)
+    if type(data['ok']) is not bool:
+        raise MessageError("ok is not a boolean", message_id, task_id)
+    error = data['error']
+    if not data['ok'] and not (isinstance(error, dict)
+            and all(isinstance(error.get(k), str)
+                for k in ('type', 'message'))):
+        raise MessageError("error is malformed", message_id, task_id)
+    return Reply(task=task_id, ok=data['ok'], result=data['result'],
+        error=error)
+
+
+def walk(value, function):
+    "Return value with every RecordRef in it replaced by function(ref)."
+    if isinstance(value, RecordRef):
+        return function(value)
+    if isinstance(value, list):
+        return [walk(v, function) for v in value]
+    if isinstance(value, dict):
+        return {k: walk(v, function) for k, v in value.items()}
+    return value

@@ -1,0 +1,246 @@
+# This file is part of async_sqs.  The COPYRIGHT file at the top level of
+# this repository contains the full copyright notices and license terms.
+"The SQS transport: one boto3 client per process, queue names and URLs."
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from . import settings
+from .exceptions import SendFailed
+
+logger = logging.getLogger(__name__)
+
+#: SQS takes at most ten entries in one batch call and receive.
+MAX_BATCH = 10
+#: SQS queue names are at most 80 characters.
+MAX_QUEUE_NAME = 80
+#: Suffix of the dead-letter queue of a queue.
+DEAD_LETTER_SUFFIX = '-dead'
+#: Longest delay SQS applies to one message, in seconds.
+MAX_DELAY = 900
+#: Largest message body SQS accepts, in bytes.
+MAX_MESSAGE_SIZE = 1024 * 1024
+
+_NOT_IN_ALPHABET = re.compile(r'[^A-Za-z0-9_-]')
+_MISSING_QUEUE_CODES = {
+    'AWS.SimpleQueueService.NonExistentQueue', 'QueueDoesNotExist'}
+
+_local = {}
+_lock = threading.Lock()
+
+
+def queue_name(*parts, limit=MAX_QUEUE_NAME - len(DEAD_LETTER_SUFFIX)):
+    """Return the SQS name made of the non-empty parts.
+
+    Characters SQS refuses become '_'; a name over the limit keeps its head
+    and ends with a hash of the whole, so two long names stay distinct. The
+    limit leaves room for the dead-letter suffix."""
+    name = '-'.join(p for p in parts if p)
+    name = _NOT_IN_ALPHABET.sub('_', name)
+    if len(name) > limit:
+        digest = hashlib.sha1(name.encode('utf-8')).hexdigest()[:8]
+        name = name[:limit - len(digest) - 1] + '-' + digest
+    return name
+
+
+def task_queue_name(database, queue=None):
+    "Return the name of the task queue of the database."
+    return queue_name(
+        settings.queue_prefix(), database, queue or settings.queue())
+
+
+def reply_queue_name(task_id):
+    "Return the name of the reply queue of the task."
+    return queue_name(settings.queue_prefix(), 'reply', task_id)
+
+
+def is_missing_queue(exc):
+    "Tell whether a ClientError says the queue does not exist."
+    return (isinstance(exc, ClientError)
+        and exc.response.get('Error', {}).get('Code') in _MISSING_QUEUE_CODES)
+
+
+def _client_key():
+    return (os.getpid(), settings.endpoint_url(), settings.region(),
+        settings.access_key(), settings.secret_key(), settings.max_attempts())
+
+
+def client():
+    "Return the boto3 SQS client of this process."
+    key = _client_key()
+    transport = _local.get(key)
+    if transport is None:
+        with _lock:
+            transport = _local.get(key)
+            if transport is None:
+                _local.clear()
+                transport = _local[key] = Transport(*key[1:])
+    return transport
+
+
+class Transport:
+    "A boto3 SQS client and the queue URLs it has resolved."
+
+    def __init__(self, endpoint_url, region, access_key, secret_key,
+            max_attempts):
+        session = boto3.session.Session(
+            aws_access_key_id=access_key,
+            aws_secret_access_key=secret_key,
+            region_name=region)
+        self.sqs = session.client('sqs',
+            endpoint_url=endpoint_url,
+            config=Config(
+                retries={'mode': 'standard', 'max_attempts': max_attempts},
+                max_pool_connections=32,
+                tcp_keepalive=True))
+        self._urls = {}
+
+    def __repr__(self):
+        return '<Transport %s>' % self.sqs.meta.endpoint_url
+
+    def url(self, name, create=True, attributes=None):
+        "Return the URL of the queue, created on first use."
+        url = self._urls.get(name)
+        if url is not None:
+            return url
+        kwargs = {'QueueName': name}
+        owner = settings.queue_owner()
+        if owner:
+            kwargs['QueueOwnerAWSAccountId'] = owner
+        try:
+            url = self.sqs.get_queue_url(**kwargs)['QueueUrl']
+        except ClientError as exc:
+            if not create or not is_missing_queue(exc):
+                raise
+            url = self.create(name, attributes)
+        self._urls[name] = url
+        return url
+
+    def forget(self, name):
+        "Drop the cached URL of a queue that was deleted."
+        self._urls.pop(name, None)
+
+    def create(self, name, attributes=None):
+        "Create the task queue and its dead-letter queue; return its URL."
+        if attributes is None:
+            dead_url = self.sqs.create_queue(
+                QueueName=name + DEAD_LETTER_SUFFIX,
+                Attributes={'MessageRetentionPeriod': str(14 * 24 * 3600)},
+                )['QueueUrl']
+            dead_arn = self.sqs.get_queue_attributes(
+                QueueUrl=dead_url, AttributeNames=['QueueArn'],
+                )['Attributes']['QueueArn']
+            self._urls[name + DEAD_LETTER_SUFFIX] = dead_url
+            attributes = {
+                'VisibilityTimeout': str(settings.visibility_timeout()),
+                'MessageRetentionPeriod': str(14 * 24 * 3600),
+                'RedrivePolicy': json.dumps({
+                        'deadLetterTargetArn': dead_arn,
+                        'maxReceiveCount': str(settings.max_receive_count()),
+                        }),
+                }
+        logger.info("create queue %s", name)
+        try:
+            return self.sqs.create_queue(
+                QueueName=name, Attributes=attributes)['QueueUrl']
+        except ClientError as exc:
+            # another process created it first, with other attributes
+            if exc.response.get('Error', {}).get('Code') not in {
+                    'QueueAlreadyExists', 'QueueNameExists'}:
+                raise
+            return self.sqs.get_queue_url(QueueName=name)['QueueUrl']
+
+    def dead_letter_url(self, name):
+        "Return the URL of the dead-letter queue of a task queue."
+        self.url(name)
+        return self.url(name + DEAD_LETTER_SUFFIX)
+
+    def send_batch(self, url, entries):
+        """Send the entries (dicts of SendMessageBatch) in batches of ten.
+
+        Entries that fail inside a successful call are sent again once, then
+        raise."""
+        for start in range(0, len(entries), MAX_BATCH):
+            batch = entries[start:start + MAX_BATCH]
+            for attempt in range(3):
+                response = self.sqs.send_message_batch(
+                    QueueUrl=url, Entries=batch)
+                failed = response.get('Failed')
+                if not failed:
+                    break
+                retry = {f['Id'] for f in failed if not f.get('SenderFault')}
+                fatal = [f for f in failed if f.get('SenderFault')]
+                if fatal:
+                    raise SendFailed(fatal)
+                batch = [e for e in batch if e['Id'] in retry]
+            else:
+                raise SendFailed(failed)
+
+    def send(self, url, body, delay=0, attributes=None):
+        "Send one message."
+        kwargs = {'QueueUrl': url, 'MessageBody': body}
+        if delay:
+            kwargs['DelaySeconds'] = delay
+        if attributes:
+            kwargs['MessageAttributes'] = attributes
+        return self.sqs.send_message(**kwargs)
+
+    def receive(self, url, max_number=MAX_BATCH, wait_time=None,
+            visibility_timeout=None):
+        "Long-poll the queue and return the messages received."
+        kwargs = {
+            'QueueUrl': url,
+            'MaxNumberOfMessages': max_number,
+            'WaitTimeSeconds': (
+                settings.wait_time() if wait_time is None else wait_time),
+            'AttributeNames': ['ApproximateReceiveCount'],
+            'MessageAttributeNames': ['All'],
+            }
+        if visibility_timeout is not None:
+            kwargs['VisibilityTimeout'] = visibility_timeout
+        return self.sqs.receive_message(**kwargs).get('Messages', [])
+
+    def delete_batch(self, url, receipts):
+        "Delete the messages of the receipt handles, ten per call."
+        receipts = list(receipts)
+        for start in range(0, len(receipts), MAX_BATCH):
+            batch = receipts[start:start + MAX_BATCH]
+            response = self.sqs.delete_message_batch(QueueUrl=url, Entries=[
+                    {'Id': str(i), 'ReceiptHandle': r}
+                    for i, r in enumerate(batch)])
+            for failure in response.get('Failed', []):
+                logger.warning("delete failed on %s: %s", url,
+                    failure.get('Message') or failure.get('Code'))
+
+    def change_visibility_batch(self, url, receipts, timeout):
+        "Set the visibility timeout of the messages, ten per call."
+        receipts = list(receipts)
+        for start in range(0, len(receipts), MAX_BATCH):
+            batch = receipts[start:start + MAX_BATCH]
+            response = self.sqs.change_message_visibility_batch(
+                QueueUrl=url, Entries=[
+                    {'Id': str(i), 'ReceiptHandle': r,
+                        'VisibilityTimeout': timeout}
+                    for i, r in enumerate(batch)])
+            for failure in response.get('Failed', []):
+                logger.warning("visibility change failed on %s: %s", url,
+                    failure.get('Message') or failure.get('Code'))
+
+    def delete_queue(self, name):
+        "Delete the queue if it exists."
+        url = self._urls.pop(name, None)
+        try:
+            if url is None:
+                url = self.sqs.get_queue_url(QueueName=name)['QueueUrl']
+            self.sqs.delete_queue(QueueUrl=url)
+        except ClientError as exc:
+            if not is_missing_queue(exc):
+                raise
+

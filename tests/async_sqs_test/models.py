@@ -1,0 +1,138 @@
+# This file is part of async_sqs.  The COPYRIGHT file at the top level of
+# this repository contains the full copyright notices and license terms.
+import datetime as dt
+import os
+import time
+from decimal import Decimal
+
+from trytond.exceptions import UserError
+from trytond.model import ModelSQL, fields
+from trytond.pool import PoolMeta
+from trytond.report import Report
+from trytond.transaction import Transaction
+from trytond.wizard import StateTransition, Wizard
+
+from trytond.modules.async_sqs import async_task
+
+
+class Item(ModelSQL):
+    "Async SQS Test Item"
+    __name__ = 'async_sqs.test.item'
+    name = fields.Char("Name")
+    value = fields.Integer("Value")
+    note = fields.Text("Note")
+
+    @async_task()
+    @classmethod
+    def create_named(cls, name, value=0):
+        "Create an item: the effect a test looks for."
+        cls.create([{'name': name, 'value': value}])
+
+    @classmethod
+    @async_task(ignore_result=False)
+    def echo(cls, *args, **kwargs):
+        "Return what the call received, with who and where it ran."
+        context = Transaction().context
+        return {
+            'args': list(args),
+            'kwargs': kwargs,
+            'user': Transaction().user,
+            'context': {k: context.get(k) for k in ('language', 'probe')},
+            'pid': os.getpid(),
+            }
+
+    @async_task(ignore_result=False)
+    def bump(self, amount):
+        "Add amount to the value of the item and return it."
+        self.value = (self.value or 0) + amount
+        self.save()
+        return self.value
+
+    @async_task(ignore_result=False)
+    @classmethod
+    def describe(cls, items):
+        "Return the records received, browsed in the worker."
+        return [(item.id, item.name, item) for item in items]
+
+    @async_task(ignore_result=False)
+    @classmethod
+    def fail_user(cls, text):
+        raise UserError(text, "from the worker")
+
+    @async_task(ignore_result=False)
+    @classmethod
+    def fail(cls, text):
+        raise ValueError(text)
+
+    @async_task()
+    @classmethod
+    def fail_quietly(cls, text):
+        raise ValueError(text)
+
+    @async_task(ignore_result=False)
+    @classmethod
+    def sleep_then_create(cls, name, seconds):
+        time.sleep(seconds)
+        cls.create([{'name': name}])
+        return name
+
+    @async_task(ignore_result=False, queue='other')
+    @classmethod
+    def on_other_queue(cls, value):
+        return value * 2
+
+    @async_task(ignore_result=False)
+    @classmethod
+    def overridden(cls, value):
+        return ['base', value]
+
+    @classmethod
+    def not_deferrable(cls, value):
+        cls.create([{'name': 'not deferrable'}])
+        return value
+
+    @async_task(ignore_result=False)
+    @classmethod
+    def typed(cls, values):
+        "Return the values and the name of each one's type."
+        return [values, [type(v).__name__ for v in values]]
+
+
+class ItemOverride(metaclass=PoolMeta):
+    "An override that does not repeat the decorator, as integrators write"
+    __name__ = 'async_sqs.test.item'
+
+    @classmethod
+    def overridden(cls, value):
+        return ['override'] + super().overridden(value)
+
+
+class Touch(Wizard):
+    "Async SQS Test Touch"
+    __name__ = 'async_sqs.test.touch'
+    start_state = 'touch'
+    touch = StateTransition()
+
+    @async_task(ignore_result=False)
+    @classmethod
+    def count_items(cls, name):
+        "Return how many items have the name."
+        from trytond.pool import Pool
+        Item = Pool().get('async_sqs.test.item')
+        return len(Item.search([('name', '=', name)]))
+
+    def transition_touch(self):
+        return 'end'
+
+
+class BigReport(Report):
+    __name__ = 'report.bigreport'
+
+    @async_task(ignore_result=False)
+    @classmethod
+    def expensive_method(cls, arg1, arg2):
+        """
+        An expensive method which determines your future
+        """
+        return {'sum': arg1 + arg2, 'at': dt.date(2026, 11, 23),
+            'cost': Decimal('1.50')}

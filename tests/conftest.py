@@ -1,0 +1,196 @@
+# This file is part of async_sqs.  The COPYRIGHT file at the top level of
+# this repository contains the full copyright notices and license terms.
+"""The test harness: a moto server in server mode, a database, workers.
+
+moto runs as its own process on 127.0.0.1 and is reached over HTTP like
+SQS; the database is the one of TRYTOND_DATABASE_URI and DB_NAME (a file
+for SQLite, since workers are separate processes); every test gets its own
+queue prefix, so that no test sees another's messages."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+
+import pytest
+
+BIN = os.path.dirname(sys.executable)
+REGION = 'us-east-1'
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+def start_moto():
+    port = free_port()
+    log = tempfile.NamedTemporaryFile(
+        prefix='moto-', suffix='.log', delete=False)
+    process = subprocess.Popen(
+        [os.path.join(BIN, 'moto_server'), '-H', '127.0.0.1', '-p', str(port)],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = 'http://127.0.0.1:%s' % port
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(url + '/moto-api/', timeout=1).read()
+            break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("moto server did not start, see %s"
+                    % log.name)
+            time.sleep(0.1)
+    return process, url
+
+
+MOTO, ENDPOINT = start_moto()
+# trytond reads TRYTOND_<SECTION>__<OPTION> when its config is first imported
+os.environ.update({
+        'TRYTOND_ASYNC_SQS__ENDPOINT_URL': ENDPOINT,
+        'TRYTOND_ASYNC_SQS__REGION': REGION,
+        'TRYTOND_ASYNC_SQS__ACCESS_KEY': 'testing',
+        'TRYTOND_ASYNC_SQS__SECRET_KEY': 'testing-secret',
+        'TRYTOND_ASYNC_SQS__WAIT_TIME': '1',
+        'AWS_EC2_METADATA_DISABLED': 'true',
+        })
+
+
+def pytest_unconfigure(config):
+    if MOTO.poll() is None:
+        os.killpg(MOTO.pid, signal.SIGTERM)
+        MOTO.wait(10)
+
+
+@pytest.fixture(scope='session')
+def database():
+    "Return the name of the test database with async_sqs_test activated."
+    from trytond.tests.test_tryton import DB_NAME, activate_module
+    activate_module(['async_sqs', 'async_sqs_test'])
+    return DB_NAME
+
+
+@pytest.fixture
+def prefix():
+    "Give the test a queue prefix of its own, here and in its workers."
+    from trytond import config
+    value = 'test%s' % uuid.uuid4().hex[:10]
+    config.set('async_sqs', 'queue_prefix', value)
+    yield value
+    config.set('async_sqs', 'queue_prefix', '')
+
+
+class Worker:
+    "A trytond-async-worker process started by a test."
+
+    def __init__(self, database, prefix, processes=1, queues=(),
+            options=None, args=()):
+        self.directory = tempfile.mkdtemp(prefix='async-worker-')
+        self.config_path = os.path.join(self.directory, 'trytond.conf')
+        values = {
+            'endpoint_url': ENDPOINT,
+            'region': REGION,
+            'access_key': 'testing',
+            'secret_key': 'testing-secret',
+            'queue_prefix': prefix,
+            'wait_time': '1',
+            }
+        values.update(options or {})
+        with open(self.config_path, 'w') as fp:
+            fp.write('[async_sqs]\n')
+            for key, value in values.items():
+                fp.write('%s = %s\n' % (key, value))
+        self.log_path = os.path.join(self.directory, 'worker.log')
+        command = [os.path.join(BIN, 'trytond-async-worker'),
+            '-c', self.config_path, '-d', database, '-n', str(processes),
+            '-vv']
+        for queue in queues:
+            command += ['--queue', queue]
+        command += list(args)
+        self.log = open(self.log_path, 'w')
+        self.process = subprocess.Popen(command, stdout=self.log,
+            stderr=subprocess.STDOUT, start_new_session=True)
+
+    def output(self):
+        with open(self.log_path) as fp:
+            return fp.read()
+
+    def wait_for_log(self, text, timeout=60):
+        "Wait until text appears in the worker's log."
+        deadline = time.monotonic() + timeout
+        while text not in self.output():
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    "%r not in worker log:\n%s" % (text, self.output()))
+            if self.process.poll() is not None:
+                raise AssertionError(
+                    "worker exited with %s:\n%s" % (
+                        self.process.returncode, self.output()))
+            time.sleep(0.05)
+
+    def ready(self, count=1, timeout=60):
+        "Wait until count processes listen."
+        deadline = time.monotonic() + timeout
+        while self.output().count('ready, pid') < count:
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise AssertionError(
+                    "worker not ready:\n%s" % self.output())
+            time.sleep(0.05)
+        return self
+
+    def terminate(self, timeout=60):
+        "SIGTERM, then wait for the exit; return the exit code."
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        finally:
+            self.kill()
+
+    def kill(self):
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+        else:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.log.close()
+
+
+@pytest.fixture
+def start_worker(database, prefix):
+    "Return a function that starts a worker on the test's queues."
+    workers = []
+
+    def start(processes=1, queues=(), options=None, args=(), ready=True,
+            queue_prefix=None):
+        worker = Worker(database, queue_prefix or prefix,
+            processes=processes, queues=queues, options=options, args=args)
+        workers.append(worker)
+        if ready:
+            worker.ready(count=processes)
+        return worker
+    yield start
+    for worker in workers:
+        worker.kill()
+        # shown by pytest when the test fails
+        print("--- worker log %s\n%s" % (worker.log_path, worker.output()))
+
+
+def wait_until(predicate, timeout=60, interval=0.1, message=None):
+    "Poll predicate until it returns a true value, and return that value."
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(message or "condition not met in time")
+        time.sleep(interval)
