@@ -235,6 +235,7 @@ class WorkerProcess:
 
         def duration():
             return (time.monotonic() - started) * 1000
+        logger.info("%s starts", name)
         try:
             with processing(name):
                 outcome = self.run_call(call, received)

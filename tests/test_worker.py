@@ -2,6 +2,7 @@
 # this repository contains the full copyright notices and license terms.
 "Round trips: defer in a transaction, a real worker runs it, wait()."
 import datetime as dt
+import uuid
 from decimal import Decimal
 
 import pytest
@@ -223,3 +224,41 @@ def test_plain_call_runs_here(database):
         Item.create_named('plain', value=1)
         assert [i.value for i in Item.search([('name', '=', 'plain')])] == [1]
         Transaction().rollback()
+
+
+def test_sigterm_finishes_calls_in_flight(database, start_worker):
+    "SIGTERM: the call in flight finishes, the others wait for the next worker"
+    worker = start_worker(processes=2)
+    slow_name, queued = 'slow-%s' % uuid.uuid4(), 'queued-%s' % uuid.uuid4()
+
+    def run(pool):
+        Item = pool.get('async_sqs.test.item')
+        slow = Item.sleep_then_create.defer(slow_name, 3)
+        for i in range(20):
+            Item.create_named.defer(queued, value=i)
+        return slow
+    slow = defer(database, run)
+    worker.wait_for_log('<Task %s async_sqs.test.item.sleep_then_create@%s> '
+        'starts' % (slow.task_id, database))
+    assert worker.terminate() == 0
+    assert slow.wait(0) == slow_name
+    assert items(database, slow_name) == [(slow_name, None)]
+    start_worker()
+    found = wait_until(lambda: len(items(database, queued)) >= 20 and
+        items(database, queued))
+    assert sorted(v for _, v in found) == list(range(20))
+
+
+def test_dead_worker_process_replaced(database, start_worker):
+    "A worker process that dies is replaced and the work goes on"
+    import os
+    import re
+    import signal
+    worker = start_worker()
+    pid = int(re.search(r'ready, pid (\d+)', worker.output()).group(1))
+    os.kill(pid, signal.SIGKILL)
+    worker.wait_for_log('exited with -9')
+    worker.ready(count=2)
+    handle = defer(database, lambda pool: pool.get(
+            'async_sqs.test.item').echo.defer('after restart'))
+    assert handle.wait(60)['pid'] != pid
