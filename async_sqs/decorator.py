@@ -5,25 +5,42 @@
 A decorated method called as usual runs at once, as before. Called with
 _defer_=True, or through .defer(), it is described, encoded and kept by the
 transaction's outbox, and a TaskHandle is returned at once."""
+import datetime as dt
 import inspect
 import logging
+import math
 import uuid
 from collections import namedtuple
 
 import wrapt
 
 from . import sqs
-from .message import Call, encode_call
+from .message import Call, encode_call, is_plain
 
 logger = logging.getLogger(__name__)
 
 TaskOptions = namedtuple('TaskOptions', [
-        'ignore_result', 'queue', 'visibility_timeout', 'delay'])
+        'ignore_result', 'queue', 'visibility_timeout', 'delay', 'retries',
+        'retry_backoff'])
 TaskOptions.__doc__ = "The options a method is decorated with."
+
+#: Longest postponement, in seconds: SQS keeps a message 14 days at most.
+MAX_POSTPONE = 14 * 24 * 60 * 60
+
+
+def check_delay(delay, name='delay'):
+    "Return the delay as a number of seconds, or raise ValueError."
+    if isinstance(delay, dt.timedelta):
+        delay = delay.total_seconds()
+    if not 0 <= delay <= MAX_POSTPONE:
+        raise ValueError(
+            "async_task %s must be within 0 to %s seconds, not %s"
+            % (name, MAX_POSTPONE, delay))
+    return delay
 
 
 def async_task(ignore_result=True, queue=None, visibility_timeout=None,
-        delay=0):
+        delay=0, retries=0, retry_backoff=10):
     """Mark a method of a model, wizard or report as deferrable.
 
     ignore_result: False to send the return value back to the caller.
@@ -31,23 +48,31 @@ def async_task(ignore_result=True, queue=None, visibility_timeout=None,
     of the configuration if None.
     visibility_timeout: seconds a worker keeps a call hidden from the others
     (0 to 43200); the queue's own if None.
-    delay: seconds SQS holds each call back before a worker sees it
-    (0 to 900)."""
+    delay: seconds (or a timedelta) before a worker runs each call; up to
+    900 SQS holds the message back, beyond the worker does (14 days at most).
+    retries: how many times a call that raised is run again (UserError and
+    refused calls never are).
+    retry_backoff: seconds before the first retry, doubled at each one."""
     if callable(ignore_result):
         # used bare, as @async_task
         return async_task()(ignore_result)
-    if not 0 <= delay <= sqs.MAX_DELAY:
-        raise ValueError(
-            "async_task delay must be within 0 to %s seconds, not %s"
-            % (sqs.MAX_DELAY, delay))
+    delay = check_delay(delay)
     if visibility_timeout is not None and not (
             0 <= visibility_timeout <= 43200):
         raise ValueError(
             "async_task visibility_timeout must be within 0 to 43200 "
             "seconds, not %s" % visibility_timeout)
+    if not 0 <= retries <= 100:
+        raise ValueError(
+            "async_task retries must be within 0 to 100, not %s" % retries)
+    if not 0 <= retry_backoff <= 43200:
+        raise ValueError(
+            "async_task retry_backoff must be within 0 to 43200 seconds, "
+            "not %s" % retry_backoff)
     options = TaskOptions(
         ignore_result=ignore_result, queue=queue,
-        visibility_timeout=visibility_timeout, delay=delay)
+        visibility_timeout=visibility_timeout, delay=delay, retries=retries,
+        retry_backoff=retry_backoff)
 
     def decorator(wrapped):
         return AsyncTask(wrapped, options)
@@ -177,14 +202,47 @@ def _name_offending(wrapped, instance, args, kwargs, context):
     return None, None
 
 
+#: Keyword arguments of a deferred call that are options, not arguments.
+CALL_OPTIONS = ('_delay_', '_eta_', '_queue_')
+
+
+def describe_records(model, record_id, args):
+    "Return the records a call names, for the task row."
+    from trytond.model import Model
+    if record_id is not None:
+        return '%s,%s' % (model, record_id)
+    for arg in args:
+        if isinstance(arg, Model):
+            arg = [arg]
+        if (isinstance(arg, (list, tuple)) and arg
+                and all(isinstance(r, Model) for r in arg)):
+            ids = ','.join(str(r.id) for r in arg[:20])
+            more = ',...' if len(arg) > 20 else ''
+            return '%s,%s%s' % (arg[0].__name__, ids, more)
+    return None
+
+
 def defer(options, wrapped, instance, args, kwargs):
-    "Describe the call, keep it in the transaction's outbox, return a handle."
+    """Describe the call, keep it in the transaction's outbox, return a handle.
+
+    _delay_ (seconds or timedelta), _eta_ (naive UTC datetime) and _queue_
+    among kwargs set the call's own delay, due time and queue."""
     from trytond.model import Model
     from trytond.transaction import Transaction
 
     from .outbox import Outbox
     from .result import TaskHandle
 
+    delay = check_delay(kwargs.pop('_delay_', options.delay), '_delay_')
+    eta = kwargs.pop('_eta_', None)
+    queue = kwargs.pop('_queue_', None) or options.queue or sqs.settings.queue()
+    now = dt.datetime.now()
+    if eta is not None:
+        if not isinstance(eta, dt.datetime) or eta.tzinfo is not None:
+            raise TypeError("_eta_ must be a naive UTC datetime")
+        delay = check_delay(max(0, (eta - now).total_seconds()), '_eta_')
+    elif delay:
+        eta = now + dt.timedelta(seconds=delay)
     if isinstance(instance, type):
         cls, record_id = instance, None
     elif isinstance(instance, Model):
@@ -204,26 +262,41 @@ def defer(options, wrapped, instance, args, kwargs):
             "%s.%s can be deferred only inside a Tryton transaction"
             % (cls.__name__, wrapped.__name__))
     method = wrapped.__name__
-    queue = options.queue or sqs.settings.queue()
     context = call_context(transaction.context)
+    if not is_plain(context):
+        raise TypeError("the context of %s.%s holds records or nests too "
+            "deep: only plain data travels" % (cls.__name__, method))
     call = Call(
         task=uuid.uuid4().hex, database=transaction.database.name,
         user=transaction.user, context=context, model=cls.__name__,
         kind=kind, method=method, instance=record_id, args=list(args),
-        kwargs=kwargs, reply=not options.ignore_result, queue=queue)
+        kwargs=kwargs, reply=not options.ignore_result, queue=queue,
+        eta=eta if delay > sqs.MAX_DELAY else None)
     try:
         body = encode_call(call)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ValueError) and 'SQS limit' in str(exc):
+            raise ValueError("%s.%s cannot be deferred: %s" % (
+                    cls.__name__, method, exc)) from exc
         name, error = _name_offending(
             wrapped, instance, args, kwargs, context)
-        raise TypeError(
+        raise type(exc)(
             "argument %s of %s.%s cannot be deferred: %s" % (
                 name, cls.__name__, method, error or exc)) from exc
     handle = TaskHandle(
         call.task, database=call.database, model=call.model, method=method,
         ignore_result=options.ignore_result, state='pending')
+    row = {
+        'uuid': call.task,
+        'queue': sqs.task_queue_name(call.database, queue),
+        'model': call.model,
+        'method': method,
+        'records': describe_records(call.model, record_id, args),
+        'user': call.user,
+        'eta': eta,
+        'body': body,
+        }
     Outbox.of(transaction).put(
-        sqs.task_queue_name(call.database, queue), body, handle,
-        delay=options.delay)
+        row, handle, delay=min(math.ceil(delay), sqs.MAX_DELAY))
     logger.debug("%s.%s deferred as %s", cls.__name__, method, call.task)
     return handle

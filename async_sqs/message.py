@@ -5,6 +5,7 @@
 A message is JSON written by Tryton's own encoder, so datetime, date, time,
 timedelta, Decimal and bytes keep their type; records travel as a reference
 (model name and id) and are browsed again by the reader."""
+import datetime as dt
 import functools
 import json
 import re
@@ -26,7 +27,7 @@ _METHOD = re.compile(r'^[A-Za-z_][A-Za-z0-9_]{0,127}$')
 _DATABASE = re.compile(r'^[^\x00-\x1f/\\]{1,128}$')
 _CALL_KEYS = {
     'v', 'task', 'database', 'user', 'context', 'model', 'kind', 'method',
-    'instance', 'args', 'kwargs', 'reply', 'queue'}
+    'instance', 'args', 'kwargs', 'reply', 'queue', 'eta'}
 _REPLY_KEYS = {'v', 'task', 'ok', 'result', 'error'}
 
 
@@ -37,8 +38,9 @@ class RecordRef(namedtuple('RecordRef', ['model', 'id'])):
 
 Call = namedtuple('Call', [
         'task', 'database', 'user', 'context', 'model', 'kind', 'method',
-        'instance', 'args', 'kwargs', 'reply', 'queue'])
-Call.__doc__ = "The description of one deferred call."
+        'instance', 'args', 'kwargs', 'reply', 'queue', 'eta'],
+    defaults=[None])
+Call.__doc__ = "The description of one deferred call: eta is naive UTC."
 
 Reply = namedtuple('Reply', ['task', 'ok', 'result', 'error'])
 Reply.__doc__ = "The outcome of one call: its result, or its error."
@@ -86,7 +88,8 @@ def _refuse_constant(name):
 def dumps(value):
     "Return the JSON text of value, with Tryton's types and records."
     encoder, _ = _codec()
-    return json.dumps(value, cls=encoder, separators=(',', ':'))
+    return json.dumps(
+        value, cls=encoder, separators=(',', ':'), allow_nan=False)
 
 
 def loads(text):
@@ -121,6 +124,7 @@ def encode_call(call):
             'kwargs': call.kwargs,
             'reply': call.reply,
             'queue': call.queue,
+            'eta': call.eta,
             })
     check_size(body)
     return body
@@ -151,15 +155,16 @@ def _parse(body, keys, message_id):
     return data, task_id
 
 
-def _is_plain(value, depth=0):
+def is_plain(value, depth=0):
     "Tell whether value holds no record and stays within a sane depth."
-    if depth > 32 or isinstance(value, RecordRef):
+    from trytond.model import Model
+    if depth > 32 or isinstance(value, (RecordRef, Model)):
         return False
     if isinstance(value, dict):
-        return all(isinstance(k, str) and _is_plain(v, depth + 1)
+        return all(isinstance(k, str) and is_plain(v, depth + 1)
             for k, v in value.items())
-    if isinstance(value, list):
-        return all(_is_plain(v, depth + 1) for v in value)
+    if isinstance(value, (list, tuple)):
+        return all(is_plain(v, depth + 1) for v in value)
     return True
 
 
@@ -175,7 +180,7 @@ def decode_call(body, message_id=None):
         "database name is malformed")
     user = data['user']
     check(type(user) is int and 0 <= user < 2 ** 63, "user id is malformed")
-    check(isinstance(data['context'], dict) and _is_plain(data['context']),
+    check(isinstance(data['context'], dict) and is_plain(data['context']),
         "context is not plain data")
     check(isinstance(data['model'], str) and _MODEL.match(data['model']),
         "model name is malformed")
@@ -192,10 +197,13 @@ def decode_call(body, message_id=None):
         "a keyword argument name is malformed")
     check(type(data['reply']) is bool, "reply is not a boolean")
     check(isinstance(data['queue'], str), "queue is not text")
+    check(data['eta'] is None or isinstance(data['eta'], dt.datetime),
+        "eta is not a datetime")
     return Call(task=task_id, database=database, user=user,
         context=data['context'], model=data['model'], kind=data['kind'],
         method=data['method'], instance=instance, args=data['args'],
-        kwargs=data['kwargs'], reply=data['reply'], queue=data['queue'])
+        kwargs=data['kwargs'], reply=data['reply'], queue=data['queue'],
+        eta=data['eta'])
 
 
 def encode_reply(task_id, result=None, error=None):

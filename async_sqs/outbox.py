@@ -3,11 +3,16 @@
 """The data manager that holds deferred calls until their transaction ends.
 
 It has the shape of trytond's SMTP data manager: calls are put during the
-transaction and sent once it has committed; a rollback drops them."""
+transaction; just before it commits, one pending row per call is written to
+the task table in that same transaction; once it has committed, the messages
+go to SQS and their rows are marked queued. A rollback drops everything. A
+row left pending (the process died, SQS was unreachable) is sent again by the
+worker's relay, so no committed call is lost."""
 import logging
 import sys
 from collections import defaultdict
 
+from trytond.pool import Pool
 from trytond.transaction import Transaction
 
 from . import sqs
@@ -34,9 +39,11 @@ class Outbox:
     def __hash__(self):
         return hash(Outbox)
 
-    def put(self, queue_name, body, handle, delay=0):
-        "Keep the message until the transaction commits."
-        self.entries.append((queue_name, body, handle, delay))
+    def put(self, row, handle, delay=0):
+        """Keep the call until the transaction commits.
+
+        row holds the task row's values, its body and queue among them."""
+        self.entries.append((row, handle, delay))
 
     def abort(self, trans):
         self._drop()
@@ -48,17 +55,23 @@ class Outbox:
         pass
 
     def tpc_vote(self, trans):
-        pass
+        if self.entries and not trans.readonly:
+            Task = Pool().get('async_sqs.task')
+            Task.insert_pending([row for row, _, _ in self.entries])
 
     def tpc_finish(self, trans):
-        self.send()
+        if trans.readonly:
+            self._after_readonly(trans)
+        else:
+            entries, self.entries = self.entries, []
+            send(trans.database.name, entries)
 
     def tpc_abort(self, trans):
         # trytond ends every read-only transaction with a rollback, even one
         # whose work succeeded: there the calls go, unless an exception is
         # being handled, which is how an error ends such a transaction.
         if trans.readonly and sys.exc_info()[1] is None:
-            self.send()
+            self._after_readonly(trans)
         else:
             self._drop()
 
@@ -66,36 +79,83 @@ class Outbox:
         return 'async_sqs'
 
     def _drop(self):
-        for _, _, handle, _ in self.entries:
+        for _, handle, _ in self.entries:
             handle._set_state('dropped')
         self.entries.clear()
 
-    def send(self):
-        "Send every message kept, ten per SendMessageBatch call."
+    def _after_readonly(self, trans):
+        # a read-only transaction cannot write the rows: a transaction of
+        # their own does, once this one has let go of its connection
         entries, self.entries = self.entries, []
-        if not entries:
-            return
-        transport = sqs.client()
-        by_queue = defaultdict(list)
-        for queue_name, body, handle, delay in entries:
-            by_queue[queue_name].append((body, handle, delay))
-        for queue_name, items in by_queue.items():
+        if entries:
+            trans.atexit(
+                write_and_send, trans.database.name, trans.user, entries)
+
+
+def write_and_send(database_name, user, entries):
+    "Write the pending rows in a transaction of their own, then send."
+    try:
+        with Transaction(new=True).start(database_name, user):
+            Task = Pool().get('async_sqs.task')
+            Task.insert_pending([row for row, _, _ in entries])
+    except Exception:
+        logger.critical("%s deferred call(s) of a read-only transaction "
+            "could not be recorded", len(entries), exc_info=True)
+        for _, handle, _ in entries:
+            handle._set_state('dropped')
+        raise
+    send(database_name, entries)
+
+
+def send(database_name, entries):
+    """Send the messages of committed rows, ten per SendMessageBatch call,
+    and mark their rows queued, one statement per batch.
+
+    A failure is logged, not raised: the rows stay pending for the relay."""
+    if not entries:
+        return
+    transport = sqs.client()
+    by_queue = defaultdict(list)
+    for row, handle, delay in entries:
+        by_queue[row['queue']].append((row, handle, delay))
+    sent = []
+    for queue_name, items in by_queue.items():
+        try:
             url = transport.url(queue_name)
-            batch = []
-            for i, (body, handle, delay) in enumerate(items):
-                entry = {'Id': str(i), 'MessageBody': body}
-                if delay:
-                    entry['DelaySeconds'] = delay
-                batch.append(entry)
-            try:
-                transport.send_batch(url, batch)
-            except Exception:
-                logger.critical(
-                    "%s deferred call(s) to %s could not be sent",
-                    len(items), queue_name, exc_info=True)
-                for _, handle, _ in items:
-                    handle._set_state('unsent')
-                continue
+            for start in range(0, len(items), sqs.MAX_BATCH):
+                batch = items[start:start + sqs.MAX_BATCH]
+                transport.send_batch(url, [
+                        message_entry(str(i), row['body'], delay)
+                        for i, (row, _, delay) in enumerate(batch)])
+                for _, handle, _ in batch:
+                    handle._set_state('sent')
+                sent.append([row['uuid'] for row, _, _ in batch])
+        except Exception:
+            logger.critical(
+                "deferred calls to %s could not be sent, "
+                "the relay will send them", queue_name, exc_info=True)
             for _, handle, _ in items:
-                handle._set_state('sent')
-            logger.debug("%s call(s) sent to %s", len(items), queue_name)
+                if handle.state == 'pending':
+                    handle._set_state('unsent')
+    if sent:
+        mark_queued(database_name, sent)
+
+
+def message_entry(id_, body, delay=0):
+    "Return a SendMessageBatch entry."
+    entry = {'Id': id_, 'MessageBody': body}
+    if delay:
+        entry['DelaySeconds'] = delay
+    return entry
+
+
+def mark_queued(database_name, batches):
+    "Mark the rows of each batch of uuids queued."
+    try:
+        with Transaction(new=True).start(database_name, 0):
+            Task = Pool().get('async_sqs.task')
+            for uuids in batches:
+                Task.mark_queued(uuids)
+    except Exception:
+        # harmless: the relay sends them again and the worker runs one
+        logger.error("sent calls could not be marked queued", exc_info=True)

@@ -90,3 +90,13 @@ def reply_ttl():
 def max_attempts():
     "Attempts of one SQS call before boto3 gives up (its retry config)."
     return config.getint(SECTION, 'max_attempts', default=5)
+
+
+def relay_grace():
+    "Seconds a committed call may stay unsent before the relay sends it."
+    value = config.getint(SECTION, 'relay_grace', default=60)
+    if not 1 <= value <= 86400:
+        raise ValueError(
+            "[async_sqs] relay_grace must be within 1 to 86400, not %s"
+            % value)
+    return value

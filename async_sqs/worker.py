@@ -6,6 +6,7 @@ The main process supervises worker processes. Each process initialises the
 Tryton pool of its databases once, long-polls its queues from receiver
 threads and runs the calls one at a time, each in its own transaction as the
 recorded user with the recorded context."""
+import datetime as dt
 import logging
 import multiprocessing
 import os
@@ -29,6 +30,7 @@ from trytond.transaction import Transaction, inactive_records
 from . import settings, sqs
 from .exceptions import MessageError, RecordMissing
 from .message import RecordRef, decode_call, encode_reply, walk
+from .outbox import mark_queued, message_entry
 from .result import reply_queue_attributes
 
 logger = logging.getLogger(__name__)
@@ -37,6 +39,12 @@ logger = logging.getLogger(__name__)
 PREFETCH = 10
 #: Seconds between two restarts of a worker process that died.
 RESTART_DELAY = 1
+#: Longest visibility timeout SQS allows, in seconds.
+MAX_VISIBILITY = 43200
+#: Why a message without a task row is refused.
+NO_ROW = "no task row: the call was never committed"
+#: What run_call returns for a call that ran already.
+SKIPPED = object()
 
 
 def task_name(call):
@@ -59,6 +67,23 @@ def error_payload(exc):
         }
 
 
+class Attempt:
+    "One attempt at a call: its number, options and timing."
+
+    def __init__(self, call, received):
+        self.call = call
+        self.received = received
+        self.receive_count = received.receive_count
+        self.started_at = dt.datetime.now()
+        self.started = time.monotonic()
+        self.number = None
+        self.state = None
+        self.options = None
+
+    def duration(self):
+        return (time.monotonic() - self.started) * 1000
+
+
 class Received:
     "A message received from a queue, and where it came from."
     __slots__ = ('database', 'queue_name', 'url', 'message', 'slots')
@@ -74,18 +99,75 @@ class Received:
     def receipt(self):
         return self.message['ReceiptHandle']
 
+    @property
+    def receive_count(self):
+        try:
+            return int(self.message.get('Attributes', {}).get(
+                    'ApproximateReceiveCount', 1))
+        except ValueError:
+            return 1
+
+
+class Heartbeat:
+    """Keeps the messages a process holds hidden from the other workers.
+
+    A message waiting in the buffer or running gets its visibility timeout
+    renewed every half timeout, so a long call is not started twice."""
+
+    def __init__(self, stopping):
+        self.stopping = stopping
+        self.lock = threading.Lock()
+        self.held = {}
+
+    def hold(self, received, timeout):
+        with self.lock:
+            self.held[received.receipt] = [
+                received.url, timeout, time.monotonic()]
+
+    def extend(self, received, timeout):
+        "Set the visibility timeout of a message held, from now."
+        self.hold(received, timeout)
+        sqs.client().change_visibility_batch(
+            received.url, [received.receipt], timeout)
+
+    def release(self, received):
+        with self.lock:
+            self.held.pop(received.receipt, None)
+
+    def run(self):
+        transport = sqs.client()
+        while not self.stopping.wait(1):
+            now = time.monotonic()
+            due = defaultdict(list)
+            with self.lock:
+                for receipt, entry in self.held.items():
+                    url, timeout, extended = entry
+                    if now - extended >= timeout / 2:
+                        entry[2] = now
+                        due[(url, timeout)].append(receipt)
+            for (url, timeout), receipts in due.items():
+                try:
+                    transport.change_visibility_batch(url, receipts, timeout)
+                except Exception:
+                    logger.error("heartbeat on %s failed", url,
+                        exc_info=True)
+
 
 class WorkerProcess:
     "One worker process: receiver threads feeding one executor."
 
-    def __init__(self, database_names, queue_names=None, prefetch=PREFETCH):
+    def __init__(self, database_names, queue_names=None, prefetch=PREFETCH,
+            relay=False):
         self.database_names = database_names
         self.queue_names = queue_names
         self.prefetch = prefetch
+        self.relay = relay
         self.stopping = threading.Event()
         self.buffer = queue_module.Queue()
         self.to_delete = defaultdict(list)
+        self.heartbeat = Heartbeat(self.stopping)
         self.host = '%s:%s' % (socket.gethostname(), os.getpid())
+        self.next_relay = 0
 
     def stop(self, *args):
         self.stopping.set()
@@ -135,10 +217,14 @@ class WorkerProcess:
                 name='receive %s' % queue_name, daemon=True)
             thread.start()
             receivers.append(thread)
+        threading.Thread(
+            target=self.heartbeat.run, name='heartbeat', daemon=True).start()
         logger.info("ready, pid %s listens on %s", os.getpid(),
             ', '.join(t.name[len('receive '):] for t in receivers))
         try:
             while not self.stopping.is_set():
+                if self.relay and time.monotonic() >= self.next_relay:
+                    self.relay_pending()
                 try:
                     received = self.buffer.get(timeout=0.5)
                 except queue_module.Empty:
@@ -146,7 +232,12 @@ class WorkerProcess:
                     continue
                 try:
                     self.handle(received)
+                except Exception:
+                    # the message comes back after its visibility timeout
+                    logger.critical("message %s could not be handled",
+                        received.message.get('MessageId'), exc_info=True)
                 finally:
+                    self.heartbeat.release(received)
                     received.slots.release()
                 if self.buffer.empty():
                     self.flush_deletes()
@@ -159,6 +250,7 @@ class WorkerProcess:
 
     def receive_loop(self, database_name, queue_name, url, slots, share):
         transport = sqs.client()
+        timeout = settings.visibility_timeout()
         while not self.stopping.is_set():
             if not slots.acquire(timeout=0.5):
                 continue
@@ -176,8 +268,10 @@ class WorkerProcess:
             for _ in range(count - len(messages)):
                 slots.release()
             for message in messages:
-                self.buffer.put(
-                    Received(database_name, queue_name, url, message, slots))
+                received = Received(
+                    database_name, queue_name, url, message, slots)
+                self.heartbeat.hold(received, timeout)
+                self.buffer.put(received)
 
     def release_buffer(self):
         "Make the messages received but not started visible again."
@@ -187,6 +281,7 @@ class WorkerProcess:
                 received = self.buffer.get_nowait()
             except queue_module.Empty:
                 break
+            self.heartbeat.release(received)
             released[received.url].append(received.receipt)
         transport = sqs.client()
         for url, receipts in released.items():
@@ -230,38 +325,110 @@ class WorkerProcess:
                 message_id, exc.task_id, exc.reason)
             self.dead_letter(received, exc.reason)
             return
+        if call.eta is not None and self.postpone(call, received):
+            return
         name = task_name(call)
-        started = time.monotonic()
-
-        def duration():
-            return (time.monotonic() - started) * 1000
+        attempt = Attempt(call, received)
         logger.info("%s starts", name)
         try:
             with processing(name):
-                outcome = self.run_call(call, received)
+                reply = self.run_call(attempt)
         except MessageError as exc:
             logger.error("%s refused: %s", name, exc.reason)
+            if attempt.number is not None or exc.reason != NO_ROW:
+                self.record(call, 'failed', attempt, error=exc.reason)
             self.dead_letter(received, exc.reason)
+            if call.reply and exc.reason != NO_ROW:
+                self.reply(call, received, encode_reply(call.task, error={
+                            'type': 'MessageError', 'message': exc.reason}))
             return
         except (UserError, UserWarning) as exc:
-            logger.info("%s failed after %i ms: %s", name, duration(), exc,
-                exc_info=logger.isEnabledFor(logging.DEBUG))
-            outcome = {'error': error_payload(exc)}
+            logger.info("%s failed after %i ms: %s", name, attempt.duration(),
+                exc, exc_info=logger.isEnabledFor(logging.DEBUG))
+            self.fail(call, received, attempt, exc, final=True)
+            return
         except Exception as exc:
-            logger.error("%s failed after %i ms", name, duration(),
+            retries = attempt.options.retries if attempt.options else 0
+            number = attempt.number or attempt.receive_count
+            final = number > retries
+            logger.error("%s failed after %i ms (attempt %s of %s)",
+                name, attempt.duration(), number, retries + 1,
                 exc_info=True)
-            outcome = {'error': error_payload(exc)}
+            self.fail(call, received, attempt, exc, final=final)
+            return
+        if reply is SKIPPED:
+            logger.info("%s skipped: %s already", name, attempt.state)
         else:
-            logger.info("%s done in %i ms", name, duration())
-        if call.reply:
-            self.reply(call, received, outcome)
+            logger.info("%s done in %i ms", name, attempt.duration())
+            if call.reply:
+                self.reply(call, received, reply)
         self.delete(received)
 
-    def run_call(self, call, received):
+    def fail(self, call, received, attempt, exc, final):
+        "Record a failed attempt; retry later, or fail the task for good."
+        payload = error_payload(exc)
+        if final:
+            self.record(call, 'failed', attempt, error=payload['message'],
+                traceback=payload.get('traceback'))
+            if call.reply:
+                self.reply(
+                    call, received, encode_reply(call.task, error=payload))
+            if isinstance(exc, (UserError, UserWarning)):
+                self.delete(received)
+            else:
+                # parked for an administrator to look at, and requeue
+                self.dead_letter(received, payload['message'])
+        else:
+            number = attempt.number or attempt.receive_count
+            backoff = attempt.options.retry_backoff * 2 ** (number - 1)
+            delay = int(min(backoff, MAX_VISIBILITY))
+            self.record(call, 'queued', attempt, error=payload['message'],
+                traceback=payload.get('traceback'))
+            logger.info("%s retries in %i s", task_name(call), delay)
+            self.heartbeat.release(received)
+            sqs.client().change_visibility_batch(
+                received.url, [received.receipt], delay)
+
+    def record(self, call, state, attempt, error=None, traceback=None):
+        "Write the outcome of an attempt on the task row, as root."
+        try:
+            with Transaction().start(call.database, 0):
+                Task = Pool(call.database).get('async_sqs.task')
+                Task.finish(call.task, state, started_at=attempt.started_at,
+                    error=error, traceback=traceback,
+                    attempts=attempt.number or attempt.receive_count,
+                    worker=self.host)
+        except Exception:
+            logger.error("%s: the task row could not be updated",
+                task_name(call), exc_info=True)
+
+    def postpone(self, call, received):
+        "Hold back a call not yet due; tell whether it was."
+        remaining = (call.eta - dt.datetime.now()).total_seconds()
+        if remaining <= 1:
+            return False
+        transport = sqs.client()
+        self.heartbeat.release(received)
+        if received.receive_count >= settings.max_receive_count() - 1:
+            # a fresh copy, lest the redrive policy count this one dead
+            transport.send_batch(received.url, [message_entry(
+                        '0', received.message['Body'],
+                        min(int(remaining), sqs.MAX_DELAY))])
+            self.delete(received)
+        else:
+            transport.change_visibility_batch(
+                received.url, [received.receipt],
+                int(min(remaining, MAX_VISIBILITY)))
+        logger.info("%s postponed, due in %i s", task_name(call), remaining)
+        return True
+
+    def run_call(self, attempt):
         """Run the call in its own transaction, committed before return.
 
-        Return {'result': body} or {'error': payload}: the reply body is
-        encoded inside the transaction, where records still have their id."""
+        Return the reply body, or SKIPPED when the row says the call ran
+        already. The reply is encoded inside the transaction, where records
+        still have their id."""
+        call, received = attempt.call, attempt.received
         pool = Pool(call.database)
         retry = config.getint('database', 'retry')
         count = 0
@@ -269,17 +436,28 @@ class WorkerProcess:
             try:
                 with Transaction().start(call.database, call.user,
                         context=call.context):
-                    cls, options = self.resolve_method(pool, call)
-                    if options.visibility_timeout is not None:
-                        sqs.client().change_visibility_batch(
-                            received.url, [received.receipt],
-                            options.visibility_timeout)
+                    Task = pool.get('async_sqs.task')
+                    # at-least-once delivery: the row lock and 'done' make a
+                    # repeat a no-op
+                    attempt.state, attempt.number = Task.claim(
+                        call.task, attempt.receive_count, self.host)
+                    if attempt.number is None:
+                        if attempt.state is None:
+                            raise MessageError(NO_ROW, task_id=call.task)
+                        return SKIPPED
+                    cls, attempt.options = self.resolve_method(pool, call)
+                    if attempt.options.visibility_timeout is not None:
+                        self.heartbeat.extend(
+                            received, attempt.options.visibility_timeout)
                     args, kwargs, target = self.resolve_records(
                         pool, call, cls)
                     result = getattr(target, call.method)(*args, **kwargs)
+                    reply = None
                     if call.reply:
-                        return {'result': encode_reply(call.task, result)}
-                return {}
+                        reply = self.encode_result(call, result)
+                    Task.finish(call.task, 'done',
+                        started_at=attempt.started_at)
+                return reply
             except backend.DatabaseOperationalError:
                 if count < retry:
                     count += 1
@@ -287,6 +465,28 @@ class WorkerProcess:
                     time.sleep(0.02 * count)
                     continue
                 raise
+
+    def encode_result(self, call, result):
+        "Return the reply body of a result, or of the error encoding it."
+        try:
+            return encode_reply(call.task, result)
+        except (TypeError, ValueError) as exc:
+            # the call's effects stand: only its result cannot travel
+            logger.error("%s: the result cannot be sent: %s",
+                task_name(call), exc)
+            return encode_reply(call.task, error=error_payload(exc))
+
+    def relay_pending(self):
+        "Send again the calls committed but left unsent."
+        grace = settings.relay_grace()
+        self.next_relay = time.monotonic() + max(1, grace / 2)
+        before = dt.datetime.now() - dt.timedelta(seconds=grace)
+        for database_name in self.database_names:
+            try:
+                relay_pending(database_name, before)
+            except Exception:
+                logger.error("relay on %s failed", database_name,
+                    exc_info=True)
 
     def resolve_method(self, pool, call):
         "Return the pool class and TaskOptions of the call, or refuse it."
@@ -351,30 +551,60 @@ class WorkerProcess:
             target = cls
         return args, kwargs, target
 
-    def reply(self, call, received, outcome):
-        if 'result' in outcome:
-            body = outcome['result']
-        else:
-            body = encode_reply(call.task, error=outcome['error'])
+    def reply(self, call, received, body):
+        "Send the reply body to the call's reply queue."
         transport = sqs.client()
         name = sqs.reply_queue_name(call.task)
+        # the reply queue lives beside the task queue: no GetQueueUrl
         url = received.url.rsplit('/', 1)[0] + '/' + name
         try:
-            transport.send(url, body)
-        except Exception as exc:
-            if not sqs.is_missing_queue(exc):
-                raise
-            # the waiter has not created it yet: either side may
-            url = transport.create(name, reply_queue_attributes())
-            transport.send(url, body)
+            try:
+                transport.send(url, body)
+            except Exception as exc:
+                if not sqs.is_missing_queue(exc):
+                    raise
+                # the waiter has not created it yet: either side may
+                url = transport.create(name, reply_queue_attributes())
+                transport.send(url, body)
+        except Exception:
+            logger.error("%s: the reply could not be sent", task_name(call),
+                exc_info=True)
 
 
-def _child(options, queue_names):
+def relay_pending(database_name, before):
+    "Send the rows of the database left pending since before."
+    transport = sqs.client()
+    with Transaction().start(database_name, 0, readonly=True):
+        Task = Pool(database_name).get('async_sqs.task')
+        rows = Task.pending_since(before)
+    if not rows:
+        return
+    logger.warning("relay %s call(s) of %s left unsent", len(rows),
+        database_name)
+    by_queue = defaultdict(list)
+    now = dt.datetime.now()
+    for uuid, queue_name, body, eta in rows:
+        delay = 0
+        if eta is not None and eta > now:
+            delay = min(int((eta - now).total_seconds()) + 1, sqs.MAX_DELAY)
+        by_queue[queue_name].append((uuid, body, delay))
+    sent = []
+    for queue_name, items in by_queue.items():
+        url = transport.url(queue_name)
+        for start in range(0, len(items), sqs.MAX_BATCH):
+            batch = items[start:start + sqs.MAX_BATCH]
+            transport.send_batch(url, [message_entry(str(i), body, delay)
+                    for i, (_, body, delay) in enumerate(batch)])
+            sent.append([uuid for uuid, _, _ in batch])
+    mark_queued(database_name, sent)
+
+
+def _child(options, queue_names, relay):
     from trytond import commandline
     config.update_etc(options.configfile)
     commandline.config_log(options)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    worker = WorkerProcess(options.database_names, queue_names)
+    worker = WorkerProcess(options.database_names, queue_names, relay=relay)
     signal.signal(signal.SIGTERM, worker.stop)
     try:
         worker.run()
@@ -395,8 +625,9 @@ def work(options):
     children = {}
 
     def start(slot):
+        # one relay per worker is enough: duplicates are harmless anyway
         process = context.Process(
-            target=_child, args=(options, queue_names),
+            target=_child, args=(options, queue_names, slot == 0),
             name='trytond-async-worker-%s' % slot)
         process.start()
         children[slot] = process
