@@ -67,9 +67,12 @@ def pytest_unconfigure(config):
         MOTO.wait(10)
 
 
-@pytest.fixture(scope='session')
+@pytest.fixture
 def database():
-    "Return the name of the test database with async_sqs_test activated."
+    """Return the name of the test database with async_sqs_test activated.
+
+    Per test, because trytond's ModuleTestCase drops the database when it
+    ends: activating again is quick when nothing is missing."""
     from trytond.tests.test_tryton import DB_NAME, activate_module
     activate_module(['async_sqs', 'async_sqs_test'])
     return DB_NAME

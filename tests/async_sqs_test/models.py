@@ -76,6 +76,24 @@ class Item(ModelSQL):
         cls.create([{'name': name}])
         return name
 
+    @async_task(ignore_result=False, retries=2, retry_backoff=1)
+    @classmethod
+    def flaky(cls, path, failures):
+        "Fail the first failures attempts, counted in the file at path."
+        with open(path, 'a+') as fp:
+            fp.write('attempt\n')
+            fp.seek(0)
+            attempts = len(fp.readlines())
+        if attempts <= failures:
+            raise RuntimeError("attempt %s fails" % attempts)
+        cls.create([{'name': path, 'value': attempts}])
+        return attempts
+
+    @async_task(ignore_result=False, retries=3, retry_backoff=1)
+    @classmethod
+    def fail_user_with_retries(cls, text):
+        raise UserError(text)
+
     @async_task(ignore_result=False, queue='other')
     @classmethod
     def on_other_queue(cls, value):
