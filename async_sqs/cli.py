@@ -33,9 +33,14 @@ def worker_main(argv=None):
     from trytond.pool import Pool
 
     from . import worker
+    from .exceptions import SigningKeyMissing
     with commandline.pidfile(options):
         Pool.start()
-        worker.work(options)
+        try:
+            worker.work(options)
+        except SigningKeyMissing as exc:
+            print("trytond-async-worker: %s" % exc, file=sys.stderr)
+            return 2
     return 0
 
 

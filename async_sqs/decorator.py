@@ -15,7 +15,7 @@ from collections import namedtuple
 import wrapt
 
 from . import sqs
-from .message import Call, encode_call, is_plain
+from .message import Call, check_signing, encode_call, is_plain
 
 logger = logging.getLogger(__name__)
 
@@ -256,6 +256,7 @@ def defer(options, wrapped, instance, args, kwargs):
             "async_task defers methods of Tryton classes and records, "
             "not %r" % (instance,))
     kind = pool_kind(cls)
+    check_signing()
     transaction = Transaction()
     if transaction.database is None:
         raise RuntimeError(

@@ -17,6 +17,15 @@ class MessageError(AsyncTaskError, ValueError):
         self.task_id = task_id
 
 
+class SigningKeyMissing(AsyncTaskError, RuntimeError):
+    "No [async_sqs] secret to sign or check messages, and insecure is off."
+
+    def __init__(self):
+        super().__init__(
+            "[async_sqs] secret is not set: messages cannot be signed or "
+            "checked; set a secret, or insecure = True to run unsigned")
+
+
 class SendFailed(AsyncTaskError):
     "SQS refused entries of a batch."
 

@@ -7,11 +7,15 @@ timedelta, Decimal and bytes keep their type; records travel as a reference
 (model name and id) and are browsed again by the reader."""
 import datetime as dt
 import functools
+import hashlib
+import hmac
 import json
 import re
 from collections import namedtuple
 
-from .exceptions import MessageError
+from . import settings
+
+from .exceptions import MessageError, SigningKeyMissing
 from .sqs import MAX_MESSAGE_SIZE
 
 #: Version of the format, refused when unknown.
@@ -99,9 +103,13 @@ def loads(text):
         text, object_hook=object_hook, parse_constant=_refuse_constant)
 
 
+#: Bytes kept for the message attributes, which count in SQS's limit.
+ATTRIBUTES_SIZE = 512
+
+
 def check_size(body):
     "Raise ValueError if the body is over the size SQS accepts."
-    size = len(body.encode('utf-8'))
+    size = len(body.encode('utf-8')) + ATTRIBUTES_SIZE
     if size > MAX_MESSAGE_SIZE:
         raise ValueError(
             "the message is %s bytes, over the SQS limit of %s bytes"
@@ -135,8 +143,8 @@ def _parse(body, keys, message_id):
         raise MessageError("body is not text", message_id)
     try:
         data = loads(body)
-    except (ValueError, TypeError, KeyError, OverflowError,
-            RecursionError) as exc:
+    except Exception as exc:
+        # Tryton's decoders raise what their types raise on bad input
         raise MessageError(
             "body is not valid JSON: %s" % exc, message_id) from exc
     if not isinstance(data, dict):
@@ -245,3 +253,71 @@ def walk(value, function):
     if isinstance(value, dict):
         return {k: walk(v, function) for k, v in value.items()}
     return value
+
+
+#: Message attribute that names the signing key.
+KEY_ID_ATTRIBUTE = 'async_sqs.key'
+#: Message attribute that holds the HMAC-SHA256 of the body.
+SIGNATURE_ATTRIBUTE = 'async_sqs.signature'
+
+
+def key_id(key):
+    "Return the public id of a key: the start of its SHA-256."
+    return hashlib.sha256(key.encode('utf-8')).hexdigest()[:16]
+
+
+def _keys():
+    "Return {key id: key} of the current and previous keys."
+    keys = {}
+    for key in [settings.secret()] + settings.previous_secrets():
+        if key:
+            keys.setdefault(key_id(key), key)
+    return keys
+
+
+def check_signing():
+    "Raise SigningKeyMissing unless a secret is set or insecure is allowed."
+    if not settings.secret() and not settings.insecure():
+        raise SigningKeyMissing()
+
+
+def signature_attributes(body):
+    "Return the message attributes that sign the body with the secret."
+    key = settings.secret()
+    if not key:
+        check_signing()
+        return {}
+    digest = hmac.new(
+        key.encode('utf-8'), body.encode('utf-8'), hashlib.sha256)
+    return {
+        KEY_ID_ATTRIBUTE: {'DataType': 'String', 'StringValue': key_id(key)},
+        SIGNATURE_ATTRIBUTE: {
+            'DataType': 'String', 'StringValue': digest.hexdigest()},
+        }
+
+
+def verify(message):
+    """Raise MessageError unless the SQS message is signed with a known key.
+
+    Without a secret, in insecure mode, every message passes."""
+    message_id = message.get('MessageId')
+    keys = _keys()
+    if not keys:
+        check_signing()
+        return
+    attributes = message.get('MessageAttributes') or {}
+    kid = attributes.get(KEY_ID_ATTRIBUTE, {}).get('StringValue')
+    signature = attributes.get(SIGNATURE_ATTRIBUTE, {}).get('StringValue')
+    if not kid or not signature:
+        raise MessageError("message is not signed", message_id)
+    key = keys.get(kid)
+    if key is None:
+        raise MessageError("message is signed with unknown key %s" % kid[:16],
+            message_id)
+    body = message.get('Body')
+    if not isinstance(body, str):
+        raise MessageError("body is not text", message_id)
+    expected = hmac.new(
+        key.encode('utf-8'), body.encode('utf-8'), hashlib.sha256)
+    if not hmac.compare_digest(expected.hexdigest(), signature):
+        raise MessageError("signature does not match the body", message_id)

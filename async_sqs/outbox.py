@@ -16,6 +16,7 @@ from trytond.pool import Pool
 from trytond.transaction import Transaction
 
 from . import sqs
+from .message import signature_attributes
 
 logger = logging.getLogger(__name__)
 
@@ -142,8 +143,11 @@ def send(database_name, entries):
 
 
 def message_entry(id_, body, delay=0):
-    "Return a SendMessageBatch entry."
-    entry = {'Id': id_, 'MessageBody': body}
+    "Return a SendMessageBatch entry, signed."
+    entry = {'Id': id_, 'MessageBody': body,
+        'MessageAttributes': signature_attributes(body)}
+    if not entry['MessageAttributes']:
+        del entry['MessageAttributes']
     if delay:
         entry['DelaySeconds'] = delay
     return entry

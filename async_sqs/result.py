@@ -10,7 +10,7 @@ from trytond.exceptions import UserError
 from . import settings, sqs
 from .exceptions import (
     MessageError, ResultIgnored, ResultTimeout, TaskFailed, TaskNotSent)
-from .message import decode_reply, walk
+from .message import decode_reply, verify, walk
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +110,8 @@ class TaskHandle:
 
     def _accept(self, message):
         try:
+            # a reply anyone could have written must not pass for a result
+            verify(message)
             reply = decode_reply(message['Body'], message.get('MessageId'))
         except MessageError as exc:
             logger.warning("reply for %s refused: %s", self.task_id, exc)

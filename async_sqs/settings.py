@@ -100,3 +100,19 @@ def relay_grace():
             "[async_sqs] relay_grace must be within 1 to 86400, not %s"
             % value)
     return value
+
+
+def secret():
+    "The key that signs every message and reply (HMAC-SHA256)."
+    return _get('secret')
+
+
+def previous_secrets():
+    "Keys of before a rotation, one per line: still accepted, never used."
+    return [s.strip() for s in (_get('previous_secrets') or '').splitlines()
+        if s.strip()]
+
+
+def insecure():
+    "True to run without a secret: messages unsigned and unchecked."
+    return config.getboolean(SECTION, 'insecure', default=False)

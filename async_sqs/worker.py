@@ -29,7 +29,9 @@ from trytond.transaction import Transaction, inactive_records
 
 from . import settings, sqs
 from .exceptions import MessageError, RecordMissing
-from .message import RecordRef, decode_call, encode_reply, walk
+from .message import (
+    RecordRef, check_signing, decode_call, encode_reply, signature_attributes,
+    verify, walk)
 from .outbox import mark_queued, message_entry
 from .result import reply_queue_attributes
 
@@ -315,6 +317,8 @@ class WorkerProcess:
         message = received.message
         message_id = message.get('MessageId')
         try:
+            # the signature first: nothing of an unsigned body is read
+            verify(message)
             call = decode_call(message.get('Body'), message_id)
             if call.database != received.database:
                 raise MessageError(
@@ -445,6 +449,7 @@ class WorkerProcess:
                         if attempt.state is None:
                             raise MessageError(NO_ROW, task_id=call.task)
                         return SKIPPED
+                    self.check_user(pool, call)
                     cls, attempt.options = self.resolve_method(pool, call)
                     if attempt.options.visibility_timeout is not None:
                         self.heartbeat.extend(
@@ -487,6 +492,22 @@ class WorkerProcess:
             except Exception:
                 logger.error("relay on %s failed", database_name,
                     exc_info=True)
+
+    def check_user(self, pool, call):
+        "Refuse a call recorded for a user that is missing or inactive."
+        # root (0) is inactive in res_user, yet cron and scripts run as it
+        if call.user == 0:
+            return
+        User = pool.get('res.user')
+        table = User.__table__()
+        cursor = Transaction().connection.cursor()
+        cursor.execute(*table.select(table.active,
+                where=table.id == call.user))
+        row = cursor.fetchone()
+        if not row or not row[0]:
+            raise MessageError(
+                "user %s does not exist or is inactive" % call.user,
+                task_id=call.task)
 
     def resolve_method(self, pool, call):
         "Return the pool class and TaskOptions of the call, or refuse it."
@@ -557,15 +578,16 @@ class WorkerProcess:
         name = sqs.reply_queue_name(call.task)
         # the reply queue lives beside the task queue: no GetQueueUrl
         url = received.url.rsplit('/', 1)[0] + '/' + name
+        attributes = signature_attributes(body)
         try:
             try:
-                transport.send(url, body)
+                transport.send(url, body, attributes=attributes)
             except Exception as exc:
                 if not sqs.is_missing_queue(exc):
                     raise
                 # the waiter has not created it yet: either side may
                 url = transport.create(name, reply_queue_attributes())
-                transport.send(url, body)
+                transport.send(url, body, attributes=attributes)
         except Exception:
             logger.error("%s: the reply could not be sent", task_name(call),
                 exc_info=True)
@@ -618,6 +640,11 @@ def work(options):
 
     A process that dies is started again; on a signal each process stops
     taking messages, finishes the call it runs and exits."""
+    check_signing()
+    if not settings.secret():
+        logger.warning("insecure: no [async_sqs] secret, messages are "
+            "neither signed nor checked: anyone who can write to the "
+            "queues can run any decorated method as any user")
     processes = options.processes or 1
     queue_names = options.queues or None
     context = multiprocessing.get_context('fork')

@@ -20,6 +20,8 @@ import pytest
 
 BIN = os.path.dirname(sys.executable)
 REGION = 'us-east-1'
+#: The signing key of the tests: each run its own.
+SECRET = 'test-signing-key-%s' % uuid.uuid4().hex
 
 
 def free_port():
@@ -57,6 +59,7 @@ os.environ.update({
         'TRYTOND_ASYNC_SQS__ACCESS_KEY': 'testing',
         'TRYTOND_ASYNC_SQS__SECRET_KEY': 'testing-secret',
         'TRYTOND_ASYNC_SQS__WAIT_TIME': '1',
+        'TRYTOND_ASYNC_SQS__SECRET': SECRET,
         'AWS_EC2_METADATA_DISABLED': 'true',
         })
 
@@ -102,12 +105,15 @@ class Worker:
             'secret_key': 'testing-secret',
             'queue_prefix': prefix,
             'wait_time': '1',
+            'secret': SECRET,
             }
         values.update(options or {})
         with open(self.config_path, 'w') as fp:
             fp.write('[async_sqs]\n')
             for key, value in values.items():
-                fp.write('%s = %s\n' % (key, value))
+                if value is not None:
+                    fp.write('%s = %s\n' % (key, value.replace('\n', '\n    ')
+                            if isinstance(value, str) else value))
         self.log_path = os.path.join(self.directory, 'worker.log')
         command = [os.path.join(BIN, 'trytond-async-worker'),
             '-c', self.config_path, '-d', database, '-n', str(processes),

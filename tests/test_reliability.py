@@ -20,7 +20,8 @@ from trytond.pool import Pool
 from trytond.transaction import Transaction
 
 from trytond.modules.async_sqs import TaskFailed, sqs
-from trytond.modules.async_sqs.message import decode_call
+from trytond.modules.async_sqs.message import (
+    decode_call, signature_attributes)
 
 from conftest import ENDPOINT, wait_until
 
@@ -66,7 +67,7 @@ def queue_depth(queue_name):
 def test_rows_written_with_the_commit(database, prefix):
     "Rows are written by the deferring transaction, none on rollback"
     name = 'row-%s' % uuid.uuid4()
-    with Transaction().start(database, USER) as transaction:
+    with Transaction().start(database, USER):
         Item = Pool().get('async_sqs.test.item')
         item, = Item.create([{'name': name}])
         handles = [Item.create_named.defer(name, value=i) for i in range(3)]
@@ -188,8 +189,9 @@ def test_same_message_twice(database, prefix, start_worker):
     task = row(database, handle.task_id)
     transport = sqs.client()
     url = transport.url(task['queue'])
-    transport.send(url, task['body'])
-    transport.send(url, task['body'])
+    for _ in range(2):
+        transport.send(url, task['body'],
+            attributes=signature_attributes(task['body']))
     worker = start_worker()
     wait_until(lambda: worker.output().count('%s async_sqs' % handle.task_id)
         >= 6)
@@ -264,7 +266,7 @@ def test_refused_messages_dead_lettered(database, prefix, start_worker):
         '"method":"echo"', '"method":"not_deferrable"').replace(
         call.task, uuid.uuid4().hex)
     for body in ['not json', '{"v": 2}', undecorated]:
-        transport.send(url, body)
+        transport.send(url, body, attributes=signature_attributes(body))
     dead_url = transport.url(task['queue'] + '-dead')
     bodies = []
 
@@ -316,7 +318,8 @@ def test_postponed_calls(database, prefix, start_worker):
     assert queue_depth(task['queue']) == (0, 0, 1)
     # as it comes out of that delay, the worker holds it back again
     transport = sqs.client()
-    transport.send(transport.url(task['queue']), task['body'])
+    transport.send(transport.url(task['queue']), task['body'],
+        attributes=signature_attributes(task['body']))
     worker.wait_for_log('<Task %s async_sqs.test.item.create_named@%s> '
         'postponed, due in' % (later.task_id, database))
     assert row(database, later.task_id)['state'] == 'queued'
