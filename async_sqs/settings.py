@@ -13,6 +13,15 @@ def _get(option, default=None):
     return value
 
 
+def _getint(option, default, low, high):
+    value = config.getint(SECTION, option, default=default)
+    if not low <= value <= high:
+        raise ValueError(
+            "[async_sqs] %s must be within %s to %s, not %s"
+            % (option, low, high, value))
+    return value
+
+
 def endpoint_url():
     "URL of the SQS endpoint (boto3's default endpoint of the region if unset)."
     return _get('endpoint_url')
@@ -50,56 +59,32 @@ def queue_owner():
 
 def visibility_timeout():
     "Seconds a received task stays hidden from other workers (0 to 43200)."
-    value = config.getint(SECTION, 'visibility_timeout', default=60)
-    if not 0 <= value <= 43200:
-        raise ValueError(
-            "[async_sqs] visibility_timeout must be within 0 to 43200, "
-            "not %s" % value)
-    return value
+    return _getint('visibility_timeout', 60, 0, 43200)
 
 
 def wait_time():
     "Seconds one receive call long-polls (SQS allows 0 to 20)."
-    value = config.getint(SECTION, 'wait_time', default=20)
-    if not 0 <= value <= 20:
-        raise ValueError(
-            "[async_sqs] wait_time must be within 0 to 20, not %s" % value)
-    return value
+    return _getint('wait_time', 20, 0, 20)
 
 
 def max_receive_count():
     "Receives of one message before SQS moves it to the dead-letter queue."
-    value = config.getint(SECTION, 'max_receive_count', default=10)
-    if not 1 <= value <= 1000:
-        raise ValueError(
-            "[async_sqs] max_receive_count must be within 1 to 1000, "
-            "not %s" % value)
-    return value
+    return _getint('max_receive_count', 10, 1, 1000)
 
 
 def reply_ttl():
     "Seconds an unread result is kept in its reply queue (60 to 1209600)."
-    value = config.getint(SECTION, 'reply_ttl', default=24 * 60 * 60)
-    if not 60 <= value <= 1209600:
-        raise ValueError(
-            "[async_sqs] reply_ttl must be within 60 to 1209600, "
-            "not %s" % value)
-    return value
+    return _getint('reply_ttl', 24 * 60 * 60, 60, 1209600)
 
 
 def max_attempts():
     "Attempts of one SQS call before boto3 gives up (its retry config)."
-    return config.getint(SECTION, 'max_attempts', default=5)
+    return _getint('max_attempts', 5, 1, 20)
 
 
 def relay_grace():
     "Seconds a committed call may stay unsent before the relay sends it."
-    value = config.getint(SECTION, 'relay_grace', default=60)
-    if not 1 <= value <= 86400:
-        raise ValueError(
-            "[async_sqs] relay_grace must be within 1 to 86400, not %s"
-            % value)
-    return value
+    return _getint('relay_grace', 60, 1, 86400)
 
 
 def secret():

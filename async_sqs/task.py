@@ -153,8 +153,8 @@ class Task(ModelSQL, ModelView):
             table.traceback, table.write_date]
         values = [state, now, error, traceback, now]
         if started_at is not None:
-            columns.append(table.duration)
-            values.append(now - started_at)
+            columns += [table.started_at, table.duration]
+            values += [started_at, now - started_at]
         if attempts is not None:
             columns.append(table.attempts)
             values.append(attempts)

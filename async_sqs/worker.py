@@ -354,7 +354,9 @@ class WorkerProcess:
         except Exception as exc:
             retries = attempt.options.retries if attempt.options else 0
             number = attempt.number or attempt.receive_count
-            final = number > retries
+            # past max_receive_count SQS would park it before it ran again
+            final = (number > retries or attempt.receive_count
+                >= settings.max_receive_count())
             logger.error("%s failed after %i ms (attempt %s of %s)",
                 name, attempt.duration(), number, retries + 1,
                 exc_info=True)
