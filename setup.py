@@ -37,9 +37,9 @@ setup(
     packages=['trytond.modules.async_sqs'],
     package_data={
         'trytond.modules.async_sqs': (info.get('xml', [])
-            + ['tryton.cfg', 'view/*.xml', 'locale/*.po']),
+            + ['tryton.cfg', 'view/*.xml']),
         },
-    python_requires='>=3.9',
+    python_requires='>=3.10',
     install_requires=[
         'trytond >= 8.0, < 8.3',
         'boto3',

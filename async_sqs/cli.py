@@ -3,6 +3,7 @@
 "The console scripts."
 # Nothing here may import trytond.pool, trytond.model or the module before
 # the configuration is read: trytond picks its backend at first import.
+import argparse
 import sys
 
 
@@ -12,6 +13,10 @@ def worker_parser():
     parser.prog = 'trytond-async-worker'
     parser.description = (
         "Receive the calls deferred with async_task from SQS and run them.")
+    for action in parser._actions:
+        if action.dest == 'database_names':
+            # -d DB1 -d DB2 adds up, as -d DB1 DB2 does
+            action.__class__ = argparse._ExtendAction
     parser.add_argument('--queue', dest='queues', action='append',
         metavar='NAME', default=[],
         help="listen on this queue only (repeat for more); default: the "

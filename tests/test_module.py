@@ -20,6 +20,14 @@ class AsyncSqsTestCase(ModuleTestCase):
         self.assertEqual(
             queue_name('pre', 'my.db', 'rép orts'), 'pre-my_db-r_p_orts')
 
+    def test_worker_databases_add_up(self):
+        "Test -d given twice serves both databases"
+        from trytond.modules.async_sqs.cli import worker_parser
+        options = worker_parser().parse_args(
+            ['-d', 'one', '-d', 'two', '--queue', 'a', '--queue', 'b'])
+        self.assertEqual(options.database_names, ['one', 'two'])
+        self.assertEqual(options.queues, ['a', 'b'])
+
     def test_task_queue_name_default(self):
         "Test the default queue name of a database"
         self.assertEqual(task_queue_name('db'), 'db-trytond-async')

@@ -1,0 +1,58 @@
+# This file is part of async_sqs.  The COPYRIGHT file at the top level of
+# this repository contains the full copyright notices and license terms.
+"""Test that bench/run.py --quick runs and prints its table.
+
+It runs as a process of its own, with this python and a clean environment:
+its own moto server, its own SQLite database in a temp dir. Timings are
+not asserted, only that the figures are there and positive."""
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN = os.path.join(ROOT, 'bench', 'run.py')
+#: Rows the quick run must print with a positive median.
+ROWS = [
+    'raw boto3 send batch of 10',
+    'raw boto3 receive 10 + delete batch',
+    'raw boto3 round trip, fresh UUID queue p50',
+    'raw boto3 round trip, fixed queue p50',
+    'async_sqs enqueue (defer + commit)',
+    'async_sqs drain -n 1',
+    'async_sqs drain -n 2',
+    'async_sqs drain -n 4',
+    'async_sqs defer().wait() p50',
+    'async_sqs defer().wait() p95',
+    ]
+
+
+def clean_env():
+    return {k: v for k, v in os.environ.items()
+        if not k.startswith(('TRYTOND_', 'AWS_', 'ASYNC_SQS_'))
+        and k not in {'DB_NAME', 'DB_CACHE', 'TRYTONPASSFILE'}}
+
+
+def test_bench_quick():
+    "Test the quick benchmark prints the async_sqs and raw rows"
+    with tempfile.TemporaryDirectory() as results:
+        process = subprocess.run(
+            [sys.executable, RUN, '--quick', '--results', results],
+            env=clean_env(), cwd=ROOT, capture_output=True, text=True,
+            timeout=300)
+        output = process.stdout + process.stderr
+        assert process.returncode == 0, output
+        files = os.listdir(results)
+        assert len(files) == 1 and files[0].endswith('.jsonl'), files
+    table = output[output.index('\nfigure '):]
+    for row in ROWS:
+        match = re.search(r'^%s\s+(\d+)\s+([0-9.]+)\s' % re.escape(row),
+            table, re.MULTILINE)
+        assert match, "%r missing from:\n%s" % (row, table)
+        n, median = int(match.group(1)), float(match.group(2))
+        assert n > 0 and median > 0, (row, n, median)
+    try:
+        import celery  # noqa: F401
+    except ImportError:
+        assert 'SKIPPED Celery' in output, output
