@@ -203,3 +203,9 @@ def wait_until(predicate, timeout=60, interval=0.1, message=None):
         if time.monotonic() > deadline:
             raise AssertionError(message or "condition not met in time")
         time.sleep(interval)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    # trytond's ModuleTestCase drops the database when it ends: run it last
+    # rather than build the database again for every test after it
+    items.sort(key=lambda item: item.fspath.basename == 'test_module.py')
