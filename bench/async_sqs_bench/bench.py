@@ -1,0 +1,26 @@
+# This file is part of async_sqs.  The COPYRIGHT file at the top level of
+# this repository contains the full copyright notices and license terms.
+from trytond.model import ModelSQL, fields
+
+from trytond.modules.async_sqs import async_task
+
+
+class Item(ModelSQL):
+    "Async SQS Bench Item"
+    __name__ = 'async_sqs.bench.item'
+    name = fields.Char("Name")
+
+    @async_task()
+    @classmethod
+    def noop(cls):
+        "Do nothing: what is measured is the way there and back."
+
+    @async_task(ignore_result=False)
+    @classmethod
+    def answer(cls, value):
+        "Return the value: the round trip of a result."
+        return value
+
+    @classmethod
+    def queue_noop(cls, items):
+        "Do nothing, for Model.__queue__.queue_noop(items) of ir.queue."

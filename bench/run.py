@@ -1,0 +1,842 @@
+#!/usr/bin/env python3
+# This file is part of async_sqs.  The COPYRIGHT file at the top level of
+# this repository contains the full copyright notices and license terms.
+"""Benchmark async_sqs against raw boto3, Tryton's ir.queue and Celery.
+
+    bash bench/run                  # builds .venv/bench, then runs this
+    .venv/bench/bin/python bench/run.py [--quick | --full] [-n N]
+
+Needs a python with trytond, boto3, wrapt, moto[server] and async_sqs
+installed (celery[sqs], kombu and pycurl for the Celery peer, which is
+skipped, with a note, when they are missing). It links
+bench/async_sqs_bench into that python's trytond/modules, starts its own
+moto server on 127.0.0.1, creates a SQLite database in a temp dir and
+measures, --repeat times each (moto is reset before every measurement):
+
+- raw boto3: SendMessageBatch of ten, ReceiveMessage(10)+DeleteMessageBatch
+  drain, request/reply round trip on a fresh UUID queue and a fixed queue;
+- async_sqs: N deferred calls in one transaction, drain by
+  trytond-async-worker -n 1, 2, 4, defer().wait() round trip;
+- ir.queue: N __queue__ calls in one transaction, trytond-worker -n 2;
+- Celery: N apply_async, celery worker -P prefork -c 2.
+
+It prints one table and writes every sample as a JSON line to
+bench/results/<timestamp>.jsonl. The environment of the trytond test suite
+(TRYTOND_*, DB_NAME, ...) is ignored."""
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BIN = os.path.dirname(sys.executable)
+DATABASE = 'bench'
+REGION = 'us-east-1'
+#: Seconds a worker has to stop after SIGTERM before it is killed.
+STOP_TIMEOUT = 30
+#: Seconds between two counts of the finished tasks.
+POLL_INTERVAL = 0.1
+#: Longest a drain may take before the benchmark gives up.
+DRAIN_TIMEOUT = 600
+CLK_TCK = os.sysconf('SC_CLK_TCK')
+
+
+def say(text):
+    print('[bench] %s' % text, flush=True)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--quick', action='store_true',
+        help="N=20, 1 repeat, 10 round trips, skip peers not installed")
+    parser.add_argument('--full', action='store_true',
+        help="also measure async_sqs at N=2000 (cost per task vs N=500)")
+    parser.add_argument('-n', type=int, default=None, metavar='N',
+        help="calls per measurement (default 500, 20 with --quick)")
+    parser.add_argument('--repeat', type=int, default=None,
+        help="repeats of each measurement (default 3, 1 with --quick)")
+    parser.add_argument('--calls', type=int, default=None,
+        help="round trips per repeat (default 200, 10 with --quick)")
+    parser.add_argument('--db', choices=['sqlite'], default='sqlite',
+        help="database backend (only sqlite for now)")
+    parser.add_argument('--no-peers', action='store_true',
+        help="skip ir.queue and Celery")
+    parser.add_argument('--results', default=os.path.join(HERE, 'results'),
+        help="directory of the JSON lines file (default: bench/results)")
+    options = parser.parse_args(argv)
+    if options.n is None:
+        options.n = 20 if options.quick else 500
+    if options.repeat is None:
+        options.repeat = 1 if options.quick else 3
+    if options.calls is None:
+        options.calls = 10 if options.quick else 200
+    return options
+
+
+def clean_environ():
+    "Drop what the test suite or a shell set for trytond and AWS."
+    for key in list(os.environ):
+        if (key.startswith(('TRYTOND_', 'AWS_', 'ASYNC_SQS_'))
+                or key in {'DB_NAME', 'DB_CACHE', 'TRYTONPASSFILE'}):
+            del os.environ[key]
+    os.environ['AWS_EC2_METADATA_DISABLED'] = 'true'
+    os.environ['PYTHONDONTWRITEBYTECODE'] = '1'
+
+
+def link_module():
+    "Link bench/async_sqs_bench into trytond/modules of this python."
+    import importlib.util
+    spec = importlib.util.find_spec('trytond')
+    modules = os.path.join(os.path.dirname(spec.origin), 'modules')
+    target = os.path.join(modules, 'async_sqs_bench')
+    source = os.path.join(HERE, 'async_sqs_bench')
+    if os.path.realpath(target) != os.path.realpath(source):
+        if os.path.islink(target):
+            os.unlink(target)
+        os.symlink(source, target)
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+# --- processes ---------------------------------------------------------------
+
+def cpu_seconds(pid):
+    "Return the user+system CPU seconds of the process."
+    with open('/proc/%s/stat' % pid) as fp:
+        fields = fp.read().rsplit(')', 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def children(pid):
+    "Return the pids of the processes whose parent is pid."
+    pids = []
+    for name in os.listdir('/proc'):
+        if not name.isdigit():
+            continue
+        try:
+            with open('/proc/%s/stat' % name) as fp:
+                ppid = int(fp.read().rsplit(')', 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid:
+            pids.append(int(name))
+    return pids
+
+
+def rss_mib(pid):
+    try:
+        with open('/proc/%s/status' % pid) as fp:
+            for line in fp:
+                if line.startswith('VmRSS:'):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def child_rss(pid):
+    "Return the mean VmRSS in MiB of the child processes of pid."
+    values = [v for v in map(rss_mib, children(pid)) if v is not None]
+    return statistics.mean(values) if values else None
+
+
+class Process:
+    "A process started by the benchmark, in a session of its own."
+
+    def __init__(self, command, log_path, env=None, cwd=None):
+        self.log_path = log_path
+        self.log = open(log_path, 'w')
+        self.started = time.time()
+        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
+            stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+            start_new_session=True)
+        self.pid = self.process.pid
+
+    def output(self):
+        with open(self.log_path, errors='replace') as fp:
+            return fp.read()
+
+    def check(self):
+        if self.process.poll() is not None:
+            raise RuntimeError("%s exited with %s:\n%s" % (
+                    self.process.args[0], self.process.returncode,
+                    self.output()[-3000:]))
+
+    def stop(self):
+        try:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+                try:
+                    self.process.wait(STOP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    say("%s did not stop in %s s: killed"
+                        % (self.process.args[0], STOP_TIMEOUT))
+        finally:
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.process.wait()
+            self.log.close()
+
+
+class Moto:
+    "moto_server on a free port of 127.0.0.1."
+
+    def __init__(self, directory):
+        for _ in range(3):
+            self.port = free_port()
+            self.url = 'http://127.0.0.1:%s' % self.port
+            self.server = Process(
+                [os.path.join(BIN, 'moto_server'), '-H', '127.0.0.1',
+                    '-p', str(self.port)],
+                os.path.join(directory, 'moto.log'))
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                try:
+                    urllib.request.urlopen(
+                        self.url + '/moto-api/', timeout=1).read()
+                    return
+                except OSError:
+                    if self.server.process.poll() is not None:
+                        break
+                    time.sleep(0.1)
+            self.server.stop()
+        raise RuntimeError("moto server did not start")
+
+    def reset(self):
+        request = urllib.request.Request(
+            self.url + '/moto-api/reset', data=b'', method='POST')
+        urllib.request.urlopen(request, timeout=30).read()
+
+    def cpu(self):
+        return cpu_seconds(self.server.pid)
+
+    def stop(self):
+        self.server.stop()
+
+
+# --- results -----------------------------------------------------------------
+
+class Results:
+    "The samples of every figure, printed as a table and written as JSON."
+
+    def __init__(self, path, meta):
+        self.path = path
+        self.figures = {}
+        self.order = []
+        self.ratios = []
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.file = open(path, 'w')
+        self.write(dict(kind='meta', **meta))
+
+    def write(self, record):
+        self.file.write(json.dumps(record, default=str) + '\n')
+        self.file.flush()
+
+    def add(self, figure, n, value, unit, moto_cpu=None, rss=None,
+            **extra):
+        if figure not in self.figures:
+            self.figures[figure] = dict(
+                figure=figure, n=n, unit=unit, values=[], moto_cpu=[],
+                rss=[])
+            self.order.append(figure)
+        entry = self.figures[figure]
+        entry['values'].append(value)
+        if moto_cpu is not None:
+            entry['moto_cpu'].append(moto_cpu)
+        if rss is not None:
+            entry['rss'].append(rss)
+        self.write(dict(kind='sample', figure=figure, n=n, value=value,
+                unit=unit, moto_cpu_s=moto_cpu, rss_mib=rss, **extra))
+        say("%-42s %10.1f %s" % (figure, value, unit))
+
+    def median(self, figure):
+        entry = self.figures.get(figure)
+        if not entry or not entry['values']:
+            return None
+        return statistics.median(entry['values'])
+
+    def ratio(self, name, numerator, denominator, median=None):
+        "Add the ratio of two medians (or of the values given)."
+        a = self.median(numerator) if median is None else median[0]
+        b = self.median(denominator) if median is None else median[1]
+        if a is None or b is None or not b:
+            value = None
+        else:
+            value = a / b
+        self.ratios.append((name, value))
+        self.write(dict(kind='ratio', name=name, value=value,
+                numerator=numerator, denominator=denominator))
+
+    def table(self):
+        lines = []
+        header = ('%-46s %5s %10s %21s %-6s %13s %8s' % (
+                'figure', 'N', 'median', 'min-max', 'unit',
+                'moto CPU ms/msg', 'RSS MiB'))
+        lines.append(header)
+        lines.append('-' * len(header))
+        for figure in self.order:
+            e = self.figures[figure]
+            values = e['values']
+            cpu = ('%13.2f' % (
+                    statistics.median(e['moto_cpu']) * 1000 / e['n'])
+                if e['moto_cpu'] else '%13s' % '')
+            rss = ('%8.0f' % statistics.median(e['rss'])
+                if e['rss'] else '%8s' % '')
+            lines.append('%-46s %5i %10.1f %10.1f-%-10.1f %-6s %s %s' % (
+                    figure, e['n'], statistics.median(values), min(values),
+                    max(values), e['unit'], cpu, rss))
+        lines.append('')
+        lines.append('ratios (of medians)')
+        for name, value in self.ratios:
+            lines.append('  %-58s %s' % (
+                    name, 'n/a' if value is None else '%.2f' % value))
+        return '\n'.join(lines)
+
+    def close(self):
+        self.file.close()
+
+
+def percentile(values, q):
+    values = sorted(values)
+    index = min(len(values) - 1, max(0, int(round(q * (len(values) - 1)))))
+    return values[index]
+
+
+# --- the benchmark -----------------------------------------------------------
+
+class Bench:
+
+    def __init__(self, options, directory, moto, results):
+        self.options = options
+        self.directory = directory
+        self.moto = moto
+        self.results = results
+        self.db_path = os.path.join(directory, DATABASE + '.sqlite')
+        self.secret = 'bench-%s' % uuid.uuid4().hex
+        self.env = dict(os.environ, BENCH_RUN=os.path.basename(directory))
+        self.config_path = self.write_config('bench')
+        self.user = None
+        self.sequence = 0
+
+    # -- setup
+    def write_config(self, prefix, name=None):
+        path = os.path.join(self.directory, (name or prefix) + '.conf')
+        with open(path, 'w') as fp:
+            fp.write('[database]\nuri = sqlite://\npath = %s\n\n'
+                '[queue]\nworker = True\n\n'
+                '[async_sqs]\nendpoint_url = %s\nregion = %s\n'
+                'access_key = bench\nsecret_key = bench\nwait_time = 1\n'
+                'queue_prefix = %s\nsecret = %s\n' % (
+                    self.directory, self.moto.url, REGION, prefix,
+                    self.secret))
+        return path
+
+    def create_database(self):
+        t0 = time.monotonic()
+        open(self.db_path, 'w').close()
+        password = os.path.join(self.directory, 'password')
+        with open(password, 'w') as fp:
+            fp.write('admin\n')
+        env = dict(self.env, TRYTONPASSFILE=password)
+        for args in [['--all'],
+                ['-u', 'async_sqs_bench', '--activate-dependencies']]:
+            result = subprocess.run(
+                [os.path.join(BIN, 'trytond-admin'), '-c', self.config_path,
+                    '-d', DATABASE] + args,
+                input='\n', text=True, env=env, capture_output=True)
+            if result.returncode:
+                raise RuntimeError("trytond-admin %s failed:\n%s" % (
+                        ' '.join(args),
+                        (result.stdout + result.stderr)[-3000:]))
+        say("database ready in %.1f s" % (time.monotonic() - t0))
+        from trytond import config
+        config.update_etc(self.config_path)
+        from trytond.pool import Pool
+        Pool.start()
+        Pool(DATABASE).init()
+        self.user = self.sql('SELECT id FROM res_user WHERE login = ?',
+            ('admin',))[0][0]
+        from trytond.transaction import Transaction
+        with Transaction().start(DATABASE, self.user):
+            Item = Pool().get('async_sqs.bench.item')
+            self.item_id, = map(int, Item.create([{'name': 'bench'}]))
+
+    def sql(self, query, args=()):
+        "Run query on the database file directly, outside of trytond."
+        connection = sqlite3.connect(self.db_path, timeout=30)
+        try:
+            rows = connection.execute(query, args).fetchall()
+            connection.commit()
+            return rows
+        finally:
+            connection.close()
+
+    def prefix(self):
+        "Reset moto and return a queue prefix of its own."
+        self.moto.reset()
+        self.sequence += 1
+        prefix = 'b%s' % self.sequence
+        from trytond import config
+        config.set('async_sqs', 'queue_prefix', prefix)
+        return prefix
+
+    def log_path(self, name):
+        return os.path.join(self.directory, '%s-%s.log' % (
+                name, self.sequence))
+
+    def wait_for(self, predicate, process, what):
+        deadline = time.monotonic() + DRAIN_TIMEOUT
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if process is not None:
+                process.check()
+            if time.monotonic() > deadline:
+                raise RuntimeError("%s: not done in %s s" % (
+                        what, DRAIN_TIMEOUT))
+            time.sleep(POLL_INTERVAL)
+
+    # -- raw boto3
+    def boto3_client(self):
+        import boto3
+        from botocore.config import Config
+        return boto3.session.Session(
+            aws_access_key_id='bench', aws_secret_access_key='bench',
+            region_name=REGION).client('sqs', endpoint_url=self.moto.url,
+            config=Config(retries={'mode': 'standard', 'max_attempts': 5},
+                max_pool_connections=32, tcp_keepalive=True))
+
+    def raw_send_drain(self, n):
+        self.prefix()
+        client = self.boto3_client()
+        url = client.create_queue(QueueName='raw-%s' % self.sequence)[
+            'QueueUrl']
+        body = 'x' * 400
+        cpu0, t0 = self.moto.cpu(), time.perf_counter()
+        for start in range(0, n, 10):
+            entries = [{'Id': str(i), 'MessageBody': body}
+                for i in range(min(10, n - start))]
+            response = client.send_message_batch(QueueUrl=url,
+                Entries=entries)
+            assert not response.get('Failed'), response
+        elapsed, cpu = time.perf_counter() - t0, self.moto.cpu() - cpu0
+        self.results.add('raw boto3 send batch of 10', n, n / elapsed,
+            'msg/s', cpu)
+        received = 0
+        cpu0, t0 = self.moto.cpu(), time.perf_counter()
+        while received < n:
+            messages = client.receive_message(QueueUrl=url,
+                MaxNumberOfMessages=10, WaitTimeSeconds=1).get(
+                'Messages', [])
+            if messages:
+                client.delete_message_batch(QueueUrl=url, Entries=[
+                        {'Id': str(i), 'ReceiptHandle': m['ReceiptHandle']}
+                        for i, m in enumerate(messages)])
+            received += len(messages)
+        elapsed, cpu = time.perf_counter() - t0, self.moto.cpu() - cpu0
+        self.results.add('raw boto3 receive 10 + delete batch', n,
+            n / elapsed, 'msg/s', cpu)
+
+    def raw_round_trip(self, calls):
+        self.prefix()
+        client = self.boto3_client()
+        request_url = client.create_queue(QueueName='raw-request')['QueueUrl']
+        fixed_url = client.create_queue(QueueName='raw-reply')['QueueUrl']
+        # the responder is a process of its own, as a worker is
+        responder = subprocess.Popen([sys.executable, '-c', RESPONDER,
+                self.moto.url, request_url], env=self.env,
+            start_new_session=True)
+        try:
+            for name, fresh in [('fresh UUID queue', True),
+                    ('fixed queue', False)]:
+                durations = []
+                cpu0 = self.moto.cpu()
+                for _ in range(calls):
+                    t0 = time.perf_counter()
+                    if fresh:
+                        reply_url = client.create_queue(
+                            QueueName='raw-reply-%s' % uuid.uuid4().hex)[
+                            'QueueUrl']
+                    else:
+                        reply_url = fixed_url
+                    client.send_message(QueueUrl=request_url,
+                        MessageBody=json.dumps({'reply': reply_url}))
+                    while True:
+                        messages = client.receive_message(QueueUrl=reply_url,
+                            MaxNumberOfMessages=1, WaitTimeSeconds=20).get(
+                            'Messages', [])
+                        if messages:
+                            break
+                    if fresh:
+                        client.delete_queue(QueueUrl=reply_url)
+                    else:
+                        client.delete_message(QueueUrl=reply_url,
+                            ReceiptHandle=messages[0]['ReceiptHandle'])
+                    durations.append((time.perf_counter() - t0) * 1000)
+                cpu = self.moto.cpu() - cpu0
+                self.results.add('raw boto3 round trip, %s p50' % name,
+                    calls, percentile(durations, 0.5), 'ms', cpu)
+        finally:
+            responder.terminate()
+            responder.wait(10)
+
+    # -- async_sqs
+    def defer_noops(self, n):
+        "Defer n no-op calls in one transaction; return the seconds taken."
+        from trytond.pool import Pool
+        from trytond.transaction import Transaction
+        self.sql('DELETE FROM async_sqs_task')
+        t0 = time.perf_counter()
+        with Transaction().start(DATABASE, self.user):
+            Item = Pool().get('async_sqs.bench.item')
+            handles = [Item.noop.defer() for _ in range(n)]
+        elapsed = time.perf_counter() - t0
+        states = {h.state for h in handles}
+        if states != {'sent'}:
+            raise RuntimeError("deferred calls not all sent: %s" % states)
+        return elapsed
+
+    def async_enqueue(self, n):
+        self.prefix()
+        cpu0 = self.moto.cpu()
+        elapsed = self.defer_noops(n)
+        self.results.add('async_sqs enqueue (defer + commit)', n,
+            n / elapsed, 'msg/s', self.moto.cpu() - cpu0)
+
+    def async_worker(self, prefix, processes):
+        config_path = self.write_config(prefix, 'worker-%s' % prefix)
+        return Process([os.path.join(BIN, 'trytond-async-worker'),
+                '-c', config_path, '-d', DATABASE, '-n', str(processes)],
+            self.log_path('async-worker'), env=self.env)
+
+    def async_drain(self, n, processes, label=''):
+        prefix = self.prefix()
+        self.defer_noops(n)
+        cpu0 = self.moto.cpu()
+        worker = self.async_worker(prefix, processes)
+        try:
+            def finished():
+                done, = self.sql("SELECT count(*) FROM async_sqs_task "
+                    "WHERE state IN ('done', 'failed')")[0]
+                return done >= n
+            self.wait_for(finished, worker, 'async_sqs drain')
+            cpu = self.moto.cpu() - cpu0
+            rss = child_rss(worker.pid)
+        finally:
+            worker.stop()
+        (first, last, failed), = self.sql(
+            "SELECT min(started_at), max(finished_at), "
+            "sum(state = 'failed') FROM async_sqs_task")
+        if failed:
+            say("%s call(s) failed, see %s" % (failed, worker.log_path))
+        first, last = map(dt.datetime.fromisoformat, (first, last))
+        figure = 'async_sqs drain -n %s%s' % (processes, label)
+        self.results.add(figure, n, n / (last - first).total_seconds(),
+            'task/s', cpu, rss)
+        self.results.add(figure + ' incl. start-up', n,
+            n / (last.timestamp() - worker.started), 'task/s', cpu, rss)
+
+    def async_wait(self, calls):
+        from trytond.pool import Pool
+        from trytond.transaction import Transaction
+        prefix = self.prefix()
+        worker = self.async_worker(prefix, 1)
+        try:
+            # a first call, not counted, waits for the worker to start
+            with Transaction().start(DATABASE, self.user):
+                Item = Pool().get('async_sqs.bench.item')
+                handle = Item.answer.defer(-1)
+            handle.wait(120)
+            durations = []
+            cpu0 = self.moto.cpu()
+            for i in range(calls):
+                t0 = time.perf_counter()
+                with Transaction().start(DATABASE, self.user):
+                    Item = Pool().get('async_sqs.bench.item')
+                    handle = Item.answer.defer(i)
+                result = handle.wait(60)
+                durations.append((time.perf_counter() - t0) * 1000)
+                assert result == i, (result, i)
+            cpu = self.moto.cpu() - cpu0
+        finally:
+            worker.stop()
+        self.results.add('async_sqs defer().wait() p50', calls,
+            percentile(durations, 0.5), 'ms', cpu)
+        self.results.add('async_sqs defer().wait() p95', calls,
+            percentile(durations, 0.95), 'ms', cpu)
+
+    # -- ir.queue
+    def queue_enqueue(self, n):
+        from trytond.pool import Pool
+        from trytond.transaction import Transaction
+        self.sql('DELETE FROM ir_queue')
+        t0 = time.perf_counter()
+        with Transaction().start(DATABASE, self.user):
+            Item = Pool().get('async_sqs.bench.item')
+            item = Item(self.item_id)
+            for _ in range(n):
+                Item.__queue__.queue_noop([item])
+        return time.perf_counter() - t0
+
+    def queue_drain(self, n, processes=2):
+        elapsed = self.queue_enqueue(n)
+        self.results.add('ir.queue enqueue (__queue__ + commit)', n,
+            n / elapsed, 'task/s')
+        if self.options.db == 'sqlite':
+            # trytond-worker selects on the connection's socket: SQLite has
+            # none (ValueError: Invalid file object)
+            if not self.options.quick or self.sequence < 2:
+                say("SKIPPED trytond-worker drain: it needs PostgreSQL")
+            return
+        worker = Process([os.path.join(BIN, 'trytond-worker'),
+                '-c', self.config_path, '-d', DATABASE, '-n', str(processes)],
+            self.log_path('trytond-worker'), env=self.env)
+        try:
+            def finished():
+                done, = self.sql("SELECT count(*) FROM ir_queue "
+                    "WHERE finished_at IS NOT NULL")[0]
+                return done >= n
+            self.wait_for(finished, worker, 'ir.queue drain')
+            rss = child_rss(worker.pid)
+        finally:
+            worker.stop()
+        (first, last), = self.sql(
+            "SELECT min(dequeued_at), max(finished_at) FROM ir_queue")
+        # dequeued_at is SQL's CURRENT_TIMESTAMP (UTC), finished_at is
+        # datetime.now(): comparable only where local time is UTC
+        first, last = map(dt.datetime.fromisoformat, (first, last))
+        figure = 'ir.queue trytond-worker -n %s' % processes
+        if time.timezone == 0 and not time.daylight:
+            self.results.add(figure, n, n / (last - first).total_seconds(),
+                'task/s', rss=rss)
+        self.results.add(figure + ' incl. start-up', n,
+            n / (last.timestamp() - worker.started), 'task/s', rss=rss)
+
+    # -- Celery
+    def celery_env(self):
+        return dict(self.env,
+            BENCH_BROKER='sqs://bench:bench@127.0.0.1:%s' % self.moto.port,
+            BENCH_DONE_FILE=os.path.join(
+                self.directory, 'celery-%s.done' % self.sequence),
+            PYTHONPATH=HERE)
+
+    def celery(self, n, processes=2):
+        self.prefix()
+        env = self.celery_env()
+        # apply_async in a process of its own: Celery reads its environment
+        # at import
+        cpu0 = self.moto.cpu()
+        result = subprocess.run([sys.executable, '-c', CELERY_SEND, str(n)],
+            env=env, capture_output=True, text=True, cwd=HERE)
+        if result.returncode:
+            raise RuntimeError("celery apply_async failed:\n%s"
+                % (result.stdout + result.stderr)[-3000:])
+        elapsed = float(result.stdout.split()[-1])
+        self.results.add('Celery apply_async', n, n / elapsed, 'task/s',
+            self.moto.cpu() - cpu0)
+        done_file = env['BENCH_DONE_FILE']
+        cpu0 = self.moto.cpu()
+        worker = Process([sys.executable, '-m', 'celery', '-A', 'celery_bench',
+                'worker', '-P', 'prefork', '-c', str(processes),
+                '--without-gossip', '--without-mingle', '--without-heartbeat',
+                '-l', 'warning'], self.log_path('celery'), env=env, cwd=HERE)
+        try:
+            def finished():
+                try:
+                    with open(done_file) as fp:
+                        return fp.read().count('\n') >= n
+                except FileNotFoundError:
+                    return False
+            self.wait_for(finished, worker, 'Celery drain')
+            cpu = self.moto.cpu() - cpu0
+            rss = child_rss(worker.pid)
+        finally:
+            worker.stop()
+        with open(done_file) as fp:
+            times = [tuple(map(float, line.split())) for line in fp]
+        first = min(t[0] for t in times)
+        last = max(t[1] for t in times)
+        figure = 'Celery worker prefork -c %s' % processes
+        self.results.add(figure, n, n / (last - first), 'task/s', cpu, rss)
+        self.results.add(figure + ' incl. start-up', n,
+            n / (last - worker.started), 'task/s', cpu, rss)
+
+
+RESPONDER = r'''
+import json, sys, boto3
+from botocore.config import Config
+endpoint, request_url = sys.argv[1:]
+client = boto3.session.Session(aws_access_key_id='bench',
+    aws_secret_access_key='bench', region_name='us-east-1').client('sqs',
+    endpoint_url=endpoint, config=Config(
+        retries={'mode': 'standard', 'max_attempts': 5}, tcp_keepalive=True))
+while True:
+    for m in client.receive_message(QueueUrl=request_url,
+            MaxNumberOfMessages=10, WaitTimeSeconds=20).get('Messages', []):
+        client.send_message(QueueUrl=json.loads(m['Body'])['reply'],
+            MessageBody='ok')
+        client.delete_message(QueueUrl=request_url,
+            ReceiptHandle=m['ReceiptHandle'])
+'''
+
+CELERY_SEND = r'''
+import sys, time
+from celery_bench import noop
+n = int(sys.argv[1])
+noop.apply_async()  # connects and creates the queue, not counted
+t0 = time.perf_counter()
+for _ in range(n - 1):
+    noop.apply_async()
+print(time.perf_counter() - t0)
+'''
+
+
+def celery_missing():
+    "Return why the Celery peer cannot run here, or None."
+    try:
+        import celery  # noqa: F401
+        import kombu  # noqa: F401
+        import pycurl  # noqa: F401
+    except ImportError as exc:
+        return str(exc)
+    return None
+
+
+def run(options, directory, results):
+    moto = Moto(directory)
+    try:
+        bench = Bench(options, directory, moto, results)
+        bench.create_database()
+        n, repeat = options.n, options.repeat
+        missing = None if not options.no_peers else "--no-peers"
+        if missing is None:
+            missing = celery_missing()
+            if missing:
+                if not options.quick:
+                    raise RuntimeError("the Celery peer cannot run (%s): "
+                        "use bash bench/run, or --quick or --no-peers"
+                        % missing)
+                say("SKIPPED Celery: not installed here (%s)" % missing)
+        elif options.no_peers:
+            say("SKIPPED ir.queue and Celery: --no-peers")
+        for r in range(repeat):
+            say("repeat %s/%s" % (r + 1, repeat))
+            bench.raw_send_drain(n)
+            bench.raw_round_trip(options.calls)
+            bench.async_enqueue(n)
+            for processes in (1, 2, 4):
+                bench.async_drain(n, processes)
+            bench.async_wait(options.calls)
+            if not options.no_peers:
+                bench.queue_drain(n)
+                if missing is None:
+                    bench.celery(n)
+        if options.full:
+            for r in range(repeat):
+                say("--full: N=2000, repeat %s/%s" % (r + 1, repeat))
+                bench.async_drain(2000, 2, label=' (N=2000)')
+    finally:
+        moto.stop()
+    add_ratios(results, options)
+
+
+def add_ratios(results, options):
+    r = results.ratio
+    r('async_sqs enqueue / raw send', 'async_sqs enqueue (defer + commit)',
+        'raw boto3 send batch of 10')
+    r('async_sqs enqueue / Celery apply_async',
+        'async_sqs enqueue (defer + commit)', 'Celery apply_async')
+    r('async_sqs enqueue / ir.queue enqueue',
+        'async_sqs enqueue (defer + commit)',
+        'ir.queue enqueue (__queue__ + commit)')
+    r('drain -n 2 / raw receive+delete', 'async_sqs drain -n 2',
+        'raw boto3 receive 10 + delete batch')
+    r('drain -n 2 / trytond-worker -n 2 (incl. start-up both)',
+        'async_sqs drain -n 2 incl. start-up',
+        'ir.queue trytond-worker -n 2 incl. start-up')
+    r('drain -n 2 / trytond-worker -n 2', 'async_sqs drain -n 2',
+        'ir.queue trytond-worker -n 2')
+    r('drain -n 2 / Celery prefork -c 2', 'async_sqs drain -n 2',
+        'Celery worker prefork -c 2')
+    r('drain -n 4 / drain -n 1', 'async_sqs drain -n 4',
+        'async_sqs drain -n 1')
+    r('wait p50 / raw UUID round trip p50', 'async_sqs defer().wait() p50',
+        'raw boto3 round trip, fresh UUID queue p50')
+    if options.full:
+        a = results.median('async_sqs drain -n 2 (N=2000)')
+        b = results.median('async_sqs drain -n 2')
+        r('cost per task N=2000 / N=500 (drain -n 2)', None, None,
+            median=(1 / a if a else None, 1 / b if b else None))
+    rss = {}
+    for figure in ('async_sqs drain -n 2', 'ir.queue trytond-worker -n 2',
+            'Celery worker prefork -c 2'):
+        entry = results.figures.get(figure)
+        rss[figure] = (statistics.median(entry['rss'])
+            if entry and entry['rss'] else None)
+    r('worker RSS per process / trytond-worker', None, None,
+        median=(rss['async_sqs drain -n 2'],
+            rss['ir.queue trytond-worker -n 2']))
+    r('worker RSS per process / Celery prefork child', None, None,
+        median=(rss['async_sqs drain -n 2'],
+            rss['Celery worker prefork -c 2']))
+
+
+def terminate(signum, frame):
+    # the finally clauses stop what was started
+    raise SystemExit(128 + signum)
+
+
+def main(argv=None):
+    options = parse_args(argv)
+    signal.signal(signal.SIGTERM, terminate)
+    clean_environ()
+    link_module()
+    import trytond
+    stamp = dt.datetime.now().strftime('%Y%m%d-%H%M%S')
+    meta = dict(started=stamp, argv=sys.argv[1:] if argv is None else argv,
+        nproc=os.cpu_count(), python=platform.python_version(),
+        trytond=trytond.__version__, machine=platform.platform(),
+        n=options.n, repeat=options.repeat, calls=options.calls,
+        db=options.db)
+    results = Results(
+        os.path.join(options.results, '%s.jsonl' % stamp), meta)
+    say("N=%(n)s, %(repeat)s repeat(s), %(calls)s round trips; "
+        "python %(python)s, trytond %(trytond)s, %(nproc)s CPU(s)" % meta)
+    t0 = time.monotonic()
+    directory = tempfile.mkdtemp(prefix='async_sqs_bench.')
+    try:
+        run(options, directory, results)
+    finally:
+        results.close()
+        if os.environ.get('BENCH_KEEP'):
+            say("kept %s" % directory)
+        else:
+            subprocess.run(['rm', '-rf', directory])
+    print()
+    print(results.table())
+    print()
+    say("done in %.0f s; samples in %s" % (
+            time.monotonic() - t0, results.path))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
