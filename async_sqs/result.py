@@ -90,7 +90,7 @@ class TaskHandle:
     def _receive(self, timeout):
         transport = sqs.client()
         name = self.reply_queue
-        url = transport.url(name, attributes=reply_queue_attributes())
+        url = transport.open(name, reply_queue_attributes())
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if deadline is None:

@@ -123,6 +123,15 @@ class Transport:
         self._urls[name] = url
         return url
 
+    def open(self, name, attributes):
+        "Return the URL of the queue, created with attributes if missing."
+        # CreateQueue answers with the URL of an existing queue of the same
+        # attributes: one call, where GetQueueUrl then CreateQueue is two
+        url = self._urls.get(name)
+        if url is None:
+            url = self._urls[name] = self.create(name, attributes)
+        return url
+
     def forget(self, name):
         "Drop the cached URL of a queue that was deleted."
         self._urls.pop(name, None)

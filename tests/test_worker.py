@@ -35,10 +35,11 @@ def defer(database, function, user=USER, context=None):
 def test_effect_and_result(database, start_worker):
     "A deferred call runs in a worker and its effect is committed"
     start_worker()
+    name = 'effect-%s' % uuid.uuid4()
     handle = defer(database, lambda pool: pool.get(
-            'async_sqs.test.item').create_named.defer('effect', value=7))
+            'async_sqs.test.item').create_named.defer(name, value=7))
     assert handle.state == 'sent'
-    assert wait_until(lambda: items(database, 'effect')) == [('effect', 7)]
+    assert wait_until(lambda: items(database, name)) == [(name, 7)]
     with pytest.raises(ResultIgnored):
         handle.wait(1)
 
@@ -77,28 +78,29 @@ def test_report_quick_start(database, start_worker):
 def test_wizard_method(database, start_worker):
     "A classmethod of a wizard is deferrable"
     start_worker()
+    name = 'wizard-%s' % uuid.uuid4()
     defer(database, lambda pool: pool.get(
-            'async_sqs.test.item').create([{'name': 'wizard'}] * 2))
+            'async_sqs.test.item').create([{'name': name}] * 2))
     handle = defer(database, lambda pool: pool.get(
-            'async_sqs.test.touch', type='wizard').count_items.defer(
-            'wizard'))
+            'async_sqs.test.touch', type='wizard').count_items.defer(name))
     assert handle.wait(60) == 2
 
 
 def test_instance_method_and_records(database, start_worker):
     "Records travel by reference and are browsed again in the worker"
     start_worker()
+    name = 'bump-%s' % uuid.uuid4()
 
     def run(pool):
         Item = pool.get('async_sqs.test.item')
         item, other = Item.create([
-                {'name': 'bump', 'value': 1}, {'name': 'other'}])
+                {'name': name, 'value': 1}, {'name': 'other'}])
         return item.bump(5, _defer_=True), Item.describe.defer([item, other])
     bump, describe = defer(database, run)
     assert bump.wait(60) == 6
-    assert items(database, 'bump') == [('bump', 6)]
+    assert items(database, name) == [(name, 6)]
     described = describe.wait(60)
-    assert [name for _, name, _ in described] == ['bump', 'other']
+    assert [n for _, n, _ in described] == [name, 'other']
 
 
 def test_deleted_record(database, start_worker):
