@@ -193,6 +193,15 @@ def start_worker(database, prefix):
         print("--- worker log %s\n%s" % (worker.log_path, worker.output()))
 
 
+def items(database, name):
+    "Return (name, value) of the test items of that name, read afresh."
+    from trytond.pool import Pool
+    from trytond.transaction import Transaction
+    with Transaction(new=True).start(database, 0, readonly=True):
+        Item = Pool().get('async_sqs.test.item')
+        return [(i.name, i.value) for i in Item.search([('name', '=', name)])]
+
+
 def wait_until(predicate, timeout=60, interval=0.1, message=None):
     "Poll predicate until it returns a true value, and return that value."
     deadline = time.monotonic() + timeout

@@ -23,7 +23,7 @@ from trytond.modules.async_sqs import TaskFailed, sqs
 from trytond.modules.async_sqs.message import (
     decode_call, signature_attributes)
 
-from conftest import ENDPOINT, wait_until
+from conftest import ENDPOINT, items, wait_until
 
 USER = 1
 
@@ -44,12 +44,6 @@ def rows(database, **where):
 def row(database, task_id):
     found = rows(database, uuid=task_id)
     return found[0] if found else None
-
-
-def names(database, name):
-    with Transaction().start(database, 0, readonly=True):
-        Item = Pool().get('async_sqs.test.item')
-        return [(i.name, i.value) for i in Item.search([('name', '=', name)])]
 
 
 def queue_depth(queue_name):
@@ -96,7 +90,7 @@ def test_readonly_transaction_rows(database, prefix, start_worker):
     assert row(database, handle.task_id)['state'] == 'queued'
     start_worker()
     wait_until(lambda: row(database, handle.task_id)['state'] == 'done')
-    assert names(database, name) == [(name, 0)]
+    assert items(database, name) == [(name, 0)]
 
 
 def test_unreachable_at_commit_relayed(database, prefix, start_worker):
@@ -118,11 +112,11 @@ def test_unreachable_at_commit_relayed(database, prefix, start_worker):
     assert {h.state for h in handles} == {'unsent'}
     assert {row(database, h.task_id)['state'] for h in handles} == {'pending'}
     worker = start_worker(options={'relay_grace': 1})
-    wait_until(lambda: len(names(database, name)) >= 5)
+    wait_until(lambda: len(items(database, name)) >= 5)
     worker.wait_for_log('relay 5 call(s)')
     wait_until(lambda: {row(database, h.task_id)['state']
             for h in handles} == {'done'})
-    assert sorted(v for _, v in names(database, name)) == list(range(5))
+    assert sorted(v for _, v in items(database, name)) == list(range(5))
 
 
 def test_killed_between_commit_and_send(database, prefix, start_worker):
@@ -178,7 +172,7 @@ def test_killed_between_commit_and_send(database, prefix, start_worker):
     start_worker(options={'relay_grace': 1})
     wait_until(lambda: {row(database, r['uuid'])['state']
             for r in pending} == {'done'})
-    assert sorted(v for _, v in names(database, name)) == list(range(5))
+    assert sorted(v for _, v in items(database, name)) == list(range(5))
 
 
 def test_same_message_twice(database, prefix, start_worker):
@@ -197,7 +191,7 @@ def test_same_message_twice(database, prefix, start_worker):
         >= 6)
     worker.wait_for_log('skipped: done already')
     wait_until(lambda: queue_depth(task['queue']) == (0, 0, 0))
-    assert names(database, name) == [(name, 0)]
+    assert items(database, name) == [(name, 0)]
     assert row(database, handle.task_id)['state'] == 'done'
 
 
@@ -217,11 +211,11 @@ def test_killed_between_commit_and_delete(database, prefix, start_worker):
     assert '%s' % first.task_id in worker.output()
     os.killpg(worker.process.pid, signal.SIGKILL)
     worker.process.wait(10)
-    assert names(database, quick) == [(quick, 0)]
+    assert items(database, quick) == [(quick, 0)]
     again = start_worker(options={'visibility_timeout': 2})
     again.wait_for_log('<Task %s async_sqs.test.item.create_named@%s> skipped'
         % (first.task_id, database))
-    assert names(database, quick) == [(quick, 0)]
+    assert items(database, quick) == [(quick, 0)]
     assert row(database, first.task_id)['state'] == 'done'
 
 
@@ -292,7 +286,7 @@ def test_long_task_runs_once(database, prefix, start_worker):
         handle = Pool().get('async_sqs.test.item').sleep_then_create.defer(
             name, 6)
     assert handle.wait(60) == name
-    assert names(database, name) == [(name, None)]
+    assert items(database, name) == [(name, None)]
     assert worker.output().count(
         '<Task %s async_sqs.test.item.sleep_then_create@%s> starts'
         % (handle.task_id, database)) == 1
@@ -323,7 +317,7 @@ def test_postponed_calls(database, prefix, start_worker):
     worker.wait_for_log('<Task %s async_sqs.test.item.create_named@%s> '
         'postponed, due in' % (later.task_id, database))
     assert row(database, later.task_id)['state'] == 'queued'
-    assert names(database, name) == [(name, 1)]
+    assert items(database, name) == [(name, 1)]
     # not lost: the message waits, hidden, in its queue
     assert queue_depth(task['queue']) == (0, 1, 1)
 
@@ -340,12 +334,12 @@ def test_crash_under_load(database, prefix, start_worker):
         handles = [Item.create_named.defer(
                 name, value=i, _queue_=queues[i % len(queues)])
             for i in range(1000)]
-    wait_until(lambda: len(names(database, name)) >= 500, timeout=300)
+    wait_until(lambda: len(items(database, name)) >= 500, timeout=300)
     pids = [int(p) for p in re.findall(r'ready, pid (\d+)', worker.output())]
     os.kill(pids[1], signal.SIGKILL)
-    wait_until(lambda: len(names(database, name)) >= 1000, timeout=300)
+    wait_until(lambda: len(items(database, name)) >= 1000, timeout=300)
     task_ids = {h.task_id for h in handles}
     wait_until(lambda: {r['state'] for r in rows(database, method='create_named')
             if r['uuid'] in task_ids} == {'done'}, timeout=120)
-    values = sorted(v for _, v in names(database, name))
+    values = sorted(v for _, v in items(database, name))
     assert values == list(range(1000))

@@ -17,7 +17,7 @@ from trytond.modules.async_sqs.exceptions import MessageError
 from trytond.modules.async_sqs.message import (
     decode_call, encode_reply, signature_attributes, verify)
 
-from conftest import SECRET, Worker, wait_until
+from conftest import SECRET, Worker, items, wait_until
 
 USER = 1
 
@@ -77,7 +77,7 @@ def test_forged_messages_refused(database, prefix, start_worker):
         Item = Pool().get('async_sqs.test.item')
         genuine = Item.create_named.defer(name, value=1)
     queue_name, body = task_body(database, genuine)
-    wait_until(lambda: Item_names(database, name) == [(name, 1)])
+    wait_until(lambda: items(database, name) == [(name, 1)])
     transport = sqs.client()
     url = transport.url(queue_name)
     # a new task id: a forger cannot write the task row
@@ -97,13 +97,7 @@ def test_forged_messages_refused(database, prefix, start_worker):
     assert 'message is not signed' in output
     assert 'signed with unknown key' in output
     assert 'no task row' in output
-    assert Item_names(database, name) == [(name, 1)]
-
-
-def Item_names(database, name):
-    with Transaction().start(database, 0, readonly=True):
-        Item = Pool().get('async_sqs.test.item')
-        return [(i.name, i.value) for i in Item.search([('name', '=', name)])]
+    assert items(database, name) == [(name, 1)]
 
 
 def test_forged_reply_ignored(database, prefix):

@@ -14,16 +14,9 @@ from trytond.transaction import Transaction
 from trytond.modules.async_sqs import (
     ResultIgnored, ResultTimeout, TaskFailed, TaskHandle, TaskNotSent)
 
-from conftest import wait_until
+from conftest import items, wait_until
 
 USER = 1
-
-
-def items(database, name):
-    "Return (name, value) of the items of that name, read in a new transaction."
-    with Transaction().start(database, 0, readonly=True):
-        Item = Pool().get('async_sqs.test.item')
-        return [(i.name, i.value) for i in Item.search([('name', '=', name)])]
 
 
 def defer(database, function, user=USER, context=None):
