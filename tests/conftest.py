@@ -202,6 +202,22 @@ def items(database, name):
         return [(i.name, i.value) for i in Item.search([('name', '=', name)])]
 
 
+def dead_letters(queue_name, count):
+    "Return the bodies of count messages of the dead-letter queue."
+    from trytond.modules.async_sqs import sqs
+    transport = sqs.client()
+    url = transport.url(queue_name + '-dead')
+    bodies = []
+
+    def collect():
+        for message in transport.receive(url, wait_time=1):
+            bodies.append(message['Body'])
+            transport.delete_batch(url, [message['ReceiptHandle']])
+        return len(bodies) >= count
+    wait_until(collect)
+    return bodies
+
+
 def wait_until(predicate, timeout=60, interval=0.1, message=None):
     "Poll predicate until it returns a true value, and return that value."
     deadline = time.monotonic() + timeout

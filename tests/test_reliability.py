@@ -23,7 +23,7 @@ from trytond.modules.async_sqs import TaskFailed, sqs
 from trytond.modules.async_sqs.message import (
     decode_call, signature_attributes)
 
-from conftest import ENDPOINT, items, wait_until
+from conftest import ENDPOINT, dead_letters, items, wait_until
 
 USER = 1
 
@@ -261,15 +261,7 @@ def test_refused_messages_dead_lettered(database, prefix, start_worker):
         call.task, uuid.uuid4().hex)
     for body in ['not json', '{"v": 2}', undecorated]:
         transport.send(url, body, attributes=signature_attributes(body))
-    dead_url = transport.url(task['queue'] + '-dead')
-    bodies = []
-
-    def collect():
-        for message in transport.receive(dead_url, wait_time=1):
-            bodies.append(message['Body'])
-            transport.delete_batch(dead_url, [message['ReceiptHandle']])
-        return len(bodies) >= 3 and bodies
-    assert sorted(wait_until(collect)) == sorted(
+    assert sorted(dead_letters(task['queue'], 3)) == sorted(
         ['not json', '{"v": 2}', undecorated])
     assert handle.wait(60)['args'] == ['model']
     assert worker.output().count('refused') >= 3

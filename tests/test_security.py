@@ -17,7 +17,7 @@ from trytond.modules.async_sqs.exceptions import MessageError
 from trytond.modules.async_sqs.message import (
     decode_call, encode_reply, signature_attributes, verify)
 
-from conftest import SECRET, Worker, items, wait_until
+from conftest import SECRET, Worker, dead_letters, items, wait_until
 
 USER = 1
 
@@ -27,21 +27,6 @@ def task_body(database, handle):
         Task = Pool().get('async_sqs.task')
         task, = Task.search([('uuid', '=', handle.task_id)])
         return task.queue, task.body
-
-
-def dead_letters(queue_name, count):
-    "Return the bodies of count messages of the dead-letter queue."
-    transport = sqs.client()
-    url = transport.url(queue_name + '-dead')
-    bodies = []
-
-    def collect():
-        for message in transport.receive(url, wait_time=1):
-            bodies.append(message['Body'])
-            transport.delete_batch(url, [message['ReceiptHandle']])
-        return len(bodies) >= count
-    wait_until(collect)
-    return bodies
 
 
 def with_secret(value):
