@@ -15,13 +15,14 @@ from collections import namedtuple
 import wrapt
 
 from . import sqs
-from .message import Call, check_signing, encode_call, is_plain
+from .message import (
+    MAX_CALLS_PER_MESSAGE, Call, check_signing, encode_call, is_plain)
 
 logger = logging.getLogger(__name__)
 
 TaskOptions = namedtuple('TaskOptions', [
         'ignore_result', 'queue', 'visibility_timeout', 'delay', 'retries',
-        'retry_backoff'])
+        'retry_backoff', 'calls_per_message'])
 TaskOptions.__doc__ = "The options a method is decorated with."
 
 #: Longest postponement, in seconds: SQS keeps a message 14 days at most.
@@ -40,7 +41,7 @@ def check_delay(delay, name='delay'):
 
 
 def async_task(ignore_result=True, queue=None, visibility_timeout=None,
-        delay=0, retries=0, retry_backoff=10):
+        delay=0, retries=0, retry_backoff=10, calls_per_message=None):
     """Mark a method of a model, wizard or report as deferrable.
 
     ignore_result: False to send the return value back to the caller.
@@ -52,7 +53,11 @@ def async_task(ignore_result=True, queue=None, visibility_timeout=None,
     900 SQS holds the message back, beyond the worker does (14 days at most).
     retries: how many times a call that raised is run again (UserError and
     refused calls never are).
-    retry_backoff: seconds before the first retry, doubled at each one."""
+    retry_backoff: seconds before the first retry, doubled at each one.
+    calls_per_message: how many calls deferred in one transaction may share
+    one SQS message (1 to 100): fewer requests for many small calls, but the
+    calls of a message run one after the other on one worker; the
+    configuration's calls_per_message if None."""
     if callable(ignore_result):
         # used bare, as @async_task
         return async_task()(ignore_result)
@@ -69,10 +74,15 @@ def async_task(ignore_result=True, queue=None, visibility_timeout=None,
         raise ValueError(
             "async_task retry_backoff must be within 0 to 43200 seconds, "
             "not %s" % retry_backoff)
+    if calls_per_message is not None and not (
+            1 <= calls_per_message <= MAX_CALLS_PER_MESSAGE):
+        raise ValueError(
+            "async_task calls_per_message must be within 1 to %s, not %s"
+            % (MAX_CALLS_PER_MESSAGE, calls_per_message))
     options = TaskOptions(
         ignore_result=ignore_result, queue=queue,
         visibility_timeout=visibility_timeout, delay=delay, retries=retries,
-        retry_backoff=retry_backoff)
+        retry_backoff=retry_backoff, calls_per_message=calls_per_message)
 
     def decorator(wrapped):
         return AsyncTask(wrapped, options)
@@ -297,7 +307,11 @@ def defer(options, wrapped, instance, args, kwargs):
         'eta': eta,
         'body': body,
         }
+    calls_per_message = options.calls_per_message
+    if calls_per_message is None:
+        calls_per_message = sqs.settings.calls_per_message()
     Outbox.of(transaction).put(
-        row, handle, delay=min(math.ceil(delay), sqs.MAX_DELAY))
+        row, handle, delay=min(math.ceil(delay), sqs.MAX_DELAY),
+        calls_per_message=calls_per_message)
     logger.debug("%s.%s deferred as %s", cls.__name__, method, call.task)
     return handle

@@ -25,6 +25,12 @@ RECORD_CLASS = 'async_sqs.Record'
 #: Pool types a call may name.
 KINDS = ('model', 'wizard', 'report')
 
+#: Most calls one message may carry.
+MAX_CALLS_PER_MESSAGE = 100
+#: Most bytes of the calls packed in one message: one 64 KiB chunk, which
+#: SQS bills as one request.
+MAX_PACKED_SIZE = 64 * 1024
+
 _TASK_ID = re.compile(r'^[0-9a-f]{32}$')
 _MODEL = re.compile(r'^[A-Za-z0-9_.]{1,128}$')
 _METHOD = re.compile(r'^[A-Za-z_][A-Za-z0-9_]{0,127}$')
@@ -138,15 +144,27 @@ def encode_call(call):
     return body
 
 
-def _parse(body, keys, message_id):
+def pack_bodies(bodies):
+    "Return the body of a message that carries several calls."
+    return '[' + ','.join(bodies) + ']'
+
+
+def _load(body, message_id):
     if not isinstance(body, str):
         raise MessageError("body is not text", message_id)
     try:
-        data = loads(body)
+        return loads(body)
     except Exception as exc:
         # Tryton's decoders raise what their types raise on bad input
         raise MessageError(
             "body is not valid JSON: %s" % exc, message_id) from exc
+
+
+def _parse(body, keys, message_id):
+    return _check_object(_load(body, message_id), keys, message_id)
+
+
+def _check_object(data, keys, message_id):
     if not isinstance(data, dict):
         raise MessageError("body is not a JSON object", message_id)
     task_id = data.get('task')
@@ -178,7 +196,27 @@ def is_plain(value, depth=0):
 
 def decode_call(body, message_id=None):
     "Return the Call of a message body or raise MessageError."
-    data, task_id = _parse(body, _CALL_KEYS, message_id)
+    return _call_of(_load(body, message_id), message_id)
+
+
+def decode_calls(body, message_id=None):
+    """Return (calls, packed) of a message body or raise MessageError.
+
+    packed tells whether the body is a list of calls rather than one."""
+    data = _load(body, message_id)
+    if not isinstance(data, list):
+        return [_call_of(data, message_id)], False
+    if not 1 <= len(data) <= MAX_CALLS_PER_MESSAGE:
+        raise MessageError("a packed message holds 1 to %s calls, not %s"
+            % (MAX_CALLS_PER_MESSAGE, len(data)), message_id)
+    calls = [_call_of(item, message_id) for item in data]
+    if len({c.task for c in calls}) != len(calls):
+        raise MessageError("a packed message names a task twice", message_id)
+    return calls, True
+
+
+def _call_of(data, message_id):
+    data, task_id = _check_object(data, _CALL_KEYS, message_id)
 
     def check(ok, reason):
         if not ok:

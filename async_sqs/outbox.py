@@ -16,7 +16,7 @@ from trytond.pool import Pool
 from trytond.transaction import Transaction
 
 from . import sqs
-from .message import signature_attributes
+from .message import MAX_PACKED_SIZE, pack_bodies, signature_attributes
 
 logger = logging.getLogger(__name__)
 
@@ -40,11 +40,13 @@ class Outbox:
     def __hash__(self):
         return hash(Outbox)
 
-    def put(self, row, handle, delay=0):
+    def put(self, row, handle, delay=0, calls_per_message=1):
         """Keep the call until the transaction commits.
 
-        row holds the task row's values, its body and queue among them."""
-        self.entries.append((row, handle, delay))
+        row holds the task row's values, its body and queue among them;
+        calls_per_message is how many calls the message it goes in may
+        carry."""
+        self.entries.append((row, handle, delay, calls_per_message))
 
     def abort(self, trans):
         self._drop()
@@ -58,7 +60,7 @@ class Outbox:
     def tpc_vote(self, trans):
         if self.entries and not trans.readonly:
             Task = Pool().get('async_sqs.task')
-            Task.insert_pending([row for row, _, _ in self.entries])
+            Task.insert_pending([row for row, *_ in self.entries])
 
     def tpc_finish(self, trans):
         if trans.readonly:
@@ -80,7 +82,7 @@ class Outbox:
         return 'async_sqs'
 
     def _drop(self):
-        for _, handle, _ in self.entries:
+        for _, handle, *_ in self.entries:
             handle._set_state('dropped')
         self.entries.clear()
 
@@ -98,48 +100,81 @@ def write_and_send(database_name, user, entries):
     try:
         with Transaction(new=True).start(database_name, user):
             Task = Pool().get('async_sqs.task')
-            Task.insert_pending([row for row, _, _ in entries])
+            Task.insert_pending([row for row, *_ in entries])
     except Exception:
         logger.critical("%s deferred call(s) of a read-only transaction "
             "could not be recorded", len(entries), exc_info=True)
-        for _, handle, _ in entries:
+        for _, handle, *_ in entries:
             handle._set_state('dropped')
         raise
     send(database_name, entries)
 
 
 def send(database_name, entries):
-    """Send the messages of committed rows, ten per SendMessageBatch call,
-    and mark their rows queued, one statement per batch.
+    """Send the messages of committed rows in as few SendMessageBatch calls
+    as SQS allows, and mark their rows queued, one statement per batch.
 
     A failure is logged, not raised: the rows stay pending for the relay."""
     if not entries:
         return
     transport = sqs.client()
     by_queue = defaultdict(list)
-    for row, handle, delay in entries:
-        by_queue[row['queue']].append((row, handle, delay))
+    for entry in entries:
+        by_queue[entry[0]['queue']].append(entry)
     sent = []
     for queue_name, items in by_queue.items():
         try:
             url = transport.url(queue_name)
-            for start in range(0, len(items), sqs.MAX_BATCH):
-                batch = items[start:start + sqs.MAX_BATCH]
-                transport.send_batch(url, [
-                        message_entry(str(i), row['body'], delay)
-                        for i, (row, _, delay) in enumerate(batch)])
-                for _, handle, _ in batch:
-                    handle._set_state('sent')
-                sent.append([row['uuid'] for row, _, _ in batch])
+            messages, message_entries = {}, []
+            for i, members in enumerate(pack(items)):
+                body = (members[0][0]['body'] if len(members) == 1
+                    else pack_bodies([row['body'] for row, *_ in members]))
+                message_entries.append(
+                    message_entry(str(i), body, members[0][2]))
+                messages[str(i)] = members
+            for batch in sqs.batches(message_entries):
+                transport.send_batch(url, batch)
+                uuids = []
+                for entry in batch:
+                    for row, handle, *_ in messages[entry['Id']]:
+                        handle._set_state('sent')
+                        uuids.append(row['uuid'])
+                sent.append(uuids)
         except Exception:
             logger.critical(
                 "deferred calls to %s could not be sent, "
                 "the relay will send them", queue_name, exc_info=True)
-            for _, handle, _ in items:
+            for _, handle, *_ in items:
                 if handle.state == 'pending':
                     handle._set_state('unsent')
     if sent:
         mark_queued(database_name, sent)
+
+
+def pack(items):
+    """Return the items of one queue grouped into the messages they go in.
+
+    items are (row, handle, delay, calls_per_message). A call goes with
+    others when it allows it and is not delayed, as long as the message
+    stays within what every call in it allows and within MAX_PACKED_SIZE."""
+    messages, members, limit, size = [], [], 0, 2
+    for item in items:
+        row, _, delay, calls_per_message = item
+        if calls_per_message <= 1 or delay:
+            messages.append([item])
+            continue
+        body_size = len(row['body'].encode('utf-8')) + 1
+        limit = min(limit, calls_per_message) if members else (
+            calls_per_message)
+        if members and (len(members) >= limit
+                or size + body_size > MAX_PACKED_SIZE):
+            messages.append(members)
+            members, limit, size = [], calls_per_message, 2
+        members.append(item)
+        size += body_size
+    if members:
+        messages.append(members)
+    return messages
 
 
 def message_entry(id_, body, delay=0):

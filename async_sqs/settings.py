@@ -87,6 +87,12 @@ def relay_grace():
     return _getint('relay_grace', 60, 1, 86400)
 
 
+def calls_per_message():
+    """How many calls of one transaction to one queue a message may carry
+    (1 to 100), for the methods that do not say."""
+    return _getint('calls_per_message', 1, 1, 100)
+
+
 def secret():
     "The key that signs every message and reply (HMAC-SHA256)."
     return _get('secret')

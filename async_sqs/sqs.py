@@ -25,7 +25,7 @@ MAX_QUEUE_NAME = 80
 DEAD_LETTER_SUFFIX = '-dead'
 #: Longest delay SQS applies to one message, in seconds.
 MAX_DELAY = 900
-#: Largest message body SQS accepts, in bytes.
+#: Largest message body SQS accepts, in bytes; a whole batch call too.
 MAX_MESSAGE_SIZE = 1024 * 1024
 
 _NOT_IN_ALPHABET = re.compile(r'[^A-Za-z0-9_-]')
@@ -34,6 +34,30 @@ _MISSING_QUEUE_CODES = {
 
 _local = {}
 _lock = threading.Lock()
+
+
+def entry_size(entry):
+    "Return the bytes a SendMessageBatch entry counts in SQS's limit."
+    size = len(entry['MessageBody'].encode('utf-8'))
+    for name, value in entry.get('MessageAttributes', {}).items():
+        size += len(name) + len(value['DataType']) + len(
+            value.get('StringValue', ''))
+    return size
+
+
+def batches(entries):
+    "Yield the entries in batches SendMessageBatch takes: ten, 1 MiB."
+    batch, size = [], 0
+    for entry in entries:
+        entry_bytes = entry_size(entry)
+        if batch and (len(batch) >= MAX_BATCH
+                or size + entry_bytes > MAX_MESSAGE_SIZE):
+            yield batch
+            batch, size = [], 0
+        batch.append(entry)
+        size += entry_bytes
+    if batch:
+        yield batch
 
 
 def queue_name(*parts, limit=MAX_QUEUE_NAME - len(DEAD_LETTER_SUFFIX)):
@@ -172,12 +196,12 @@ class Transport:
         return self.url(name + DEAD_LETTER_SUFFIX)
 
     def send_batch(self, url, entries):
-        """Send the entries (dicts of SendMessageBatch) in batches of ten.
+        """Send the entries (dicts of SendMessageBatch) in as few calls as
+        SQS's limits allow.
 
         Entries that fail inside a successful call are sent again once, then
         raise."""
-        for start in range(0, len(entries), MAX_BATCH):
-            batch = entries[start:start + MAX_BATCH]
+        for batch in batches(entries):
             for attempt in range(3):
                 response = self.sqs.send_message_batch(
                     QueueUrl=url, Entries=batch)

@@ -99,14 +99,17 @@ class Task(ModelSQL, ModelView):
 
     @classmethod
     def mark_queued(cls, uuids):
-        "Mark the pending rows of the uuids as queued in one statement."
+        "Mark the pending rows of the uuids as queued."
+        from trytond import backend
         cursor = Transaction().connection.cursor()
         table = cls.__table__()
-        cursor.execute(*table.update(
-                [table.state, table.write_date],
-                ['queued', dt.datetime.now()],
-                where=table.uuid.in_(list(uuids))
-                & (table.state == 'pending')))
+        now = dt.datetime.now()
+        for sub_uuids in grouped_slice(
+                uuids, backend.MAX_QUERY_PARAMS):
+            cursor.execute(*table.update(
+                    [table.state, table.write_date], ['queued', now],
+                    where=table.uuid.in_(list(sub_uuids))
+                    & (table.state == 'pending')))
 
     @classmethod
     def claim(cls, uuid, attempt, worker):

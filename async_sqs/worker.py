@@ -8,6 +8,7 @@ threads and runs the calls one at a time, each in its own transaction as the
 recorded user with the recorded context."""
 import datetime as dt
 import logging
+import math
 import multiprocessing
 import os
 import queue as queue_module
@@ -30,8 +31,8 @@ from trytond.transaction import Transaction, inactive_records
 from . import settings, sqs
 from .exceptions import MessageError, RecordMissing
 from .message import (
-    RecordRef, check_signing, decode_call, encode_reply, signature_attributes,
-    verify, walk)
+    RecordRef, check_signing, decode_calls, encode_call, encode_reply,
+    signature_attributes, verify, walk)
 from .outbox import mark_queued, message_entry
 from .result import reply_queue_attributes
 
@@ -303,15 +304,20 @@ class WorkerProcess:
         if len(self.to_delete[received.url]) >= sqs.MAX_BATCH:
             self.flush_deletes()
 
-    def dead_letter(self, received, reason):
-        "Move a message the worker refuses to the dead-letter queue."
+    def dead_letter(self, received, reason, call=None):
+        """Move a message the worker refuses to the dead-letter queue.
+
+        With call, only that call of a packed message goes there, alone."""
         transport = sqs.client()
         url = transport.dead_letter_url(received.queue_name)
-        message = received.message
+        body = received.message.get('Body') or ' '
+        if call is not None:
+            body = encode_call(call)
         attributes = {
             'refused': {'DataType': 'String', 'StringValue': reason[:1000]}}
-        transport.send(url, message.get('Body') or ' ', attributes=attributes)
-        transport.delete_batch(received.url, [received.receipt])
+        transport.send(url, body, attributes=attributes)
+        if call is None:
+            transport.delete_batch(received.url, [received.receipt])
 
     def handle(self, received):
         message = received.message
@@ -319,18 +325,44 @@ class WorkerProcess:
         try:
             # the signature first: nothing of an unsigned body is read
             verify(message)
-            call = decode_call(message.get('Body'), message_id)
-            if call.database != received.database:
-                raise MessageError(
-                    "database %s is not the queue's" % call.database,
-                    message_id, call.task)
+            calls, packed = decode_calls(message.get('Body'), message_id)
+            for call in calls:
+                if call.database != received.database:
+                    raise MessageError(
+                        "database %s is not the queue's" % call.database,
+                        message_id, call.task)
         except MessageError as exc:
             logger.error("message %s refused (task %s): %s",
                 message_id, exc.task_id, exc.reason)
             self.dead_letter(received, exc.reason)
             return
-        if call.eta is not None and self.postpone(call, received):
+        if not packed:
+            call, = calls
+            if call.eta is not None and self.postpone(call, received):
+                return
+            if self.attempt_call(call, received, packed=False):
+                self.delete(received)
             return
+        for call in calls:
+            if self.stopping.is_set():
+                # the calls that ran are skipped when it comes back
+                logger.info("message %s released part done", message_id)
+                self.heartbeat.release(received)
+                sqs.client().change_visibility_batch(
+                    received.url, [received.receipt], 0)
+                return
+            if call.eta is not None and call.eta > dt.datetime.now():
+                self.send_alone(call, received, 0)
+                continue
+            self.attempt_call(call, received, packed=True)
+        self.delete(received)
+
+    def attempt_call(self, call, received, packed):
+        """Run one call of the message and record how it ended.
+
+        Return whether the message may be deleted. A call of a packed
+        message that must come back, or be parked, goes alone in a message
+        of its own, so the others of its message are not held back."""
         name = task_name(call)
         attempt = Attempt(call, received)
         logger.info("%s starts", name)
@@ -341,16 +373,15 @@ class WorkerProcess:
             logger.error("%s refused: %s", name, exc.reason)
             if attempt.number is not None or exc.reason != NO_ROW:
                 self.record(call, 'failed', attempt, error=exc.reason)
-            self.dead_letter(received, exc.reason)
+            self.dead_letter(received, exc.reason, call if packed else None)
             if call.reply and exc.reason != NO_ROW:
                 self.reply(call, received, encode_reply(call.task, error={
                             'type': 'MessageError', 'message': exc.reason}))
-            return
+            return False
         except (UserError, UserWarning) as exc:
             logger.info("%s failed after %i ms: %s", name, attempt.duration(),
                 exc, exc_info=logger.isEnabledFor(logging.DEBUG))
-            self.fail(call, received, attempt, exc, final=True)
-            return
+            return self.fail(call, received, attempt, exc, True, packed)
         except Exception as exc:
             retries = attempt.options.retries if attempt.options else 0
             number = attempt.number or attempt.receive_count
@@ -360,18 +391,19 @@ class WorkerProcess:
             logger.error("%s failed after %i ms (attempt %s of %s)",
                 name, attempt.duration(), number, retries + 1,
                 exc_info=True)
-            self.fail(call, received, attempt, exc, final=final)
-            return
+            return self.fail(call, received, attempt, exc, final, packed)
         if reply is SKIPPED:
             logger.info("%s skipped: %s already", name, attempt.state)
         else:
             logger.info("%s done in %i ms", name, attempt.duration())
             if call.reply:
                 self.reply(call, received, reply)
-        self.delete(received)
+        return True
 
-    def fail(self, call, received, attempt, exc, final):
-        "Record a failed attempt; retry later, or fail the task for good."
+    def fail(self, call, received, attempt, exc, final, packed):
+        """Record a failed attempt; retry later, or fail the task for good.
+
+        Return whether the message may be deleted."""
         payload = error_payload(exc)
         if final:
             self.record(call, 'failed', attempt, error=payload['message'],
@@ -380,20 +412,40 @@ class WorkerProcess:
                 self.reply(
                     call, received, encode_reply(call.task, error=payload))
             if isinstance(exc, (UserError, UserWarning)):
-                self.delete(received)
-            else:
-                # parked for an administrator to look at, and requeue
-                self.dead_letter(received, payload['message'])
-        else:
-            number = attempt.number or attempt.receive_count
-            backoff = attempt.options.retry_backoff * 2 ** (number - 1)
-            delay = int(min(backoff, MAX_VISIBILITY))
-            self.record(call, 'queued', attempt, error=payload['message'],
-                traceback=payload.get('traceback'))
-            logger.info("%s retries in %i s", task_name(call), delay)
-            self.heartbeat.release(received)
-            sqs.client().change_visibility_batch(
-                received.url, [received.receipt], delay)
+                return True
+            # parked for an administrator to look at, and requeue
+            self.dead_letter(
+                received, payload['message'], call if packed else None)
+            return False
+        number = attempt.number or attempt.receive_count
+        backoff = attempt.options.retry_backoff * 2 ** (number - 1)
+        delay = int(min(backoff, MAX_VISIBILITY))
+        self.record(call, 'queued', attempt, error=payload['message'],
+            traceback=payload.get('traceback'))
+        logger.info("%s retries in %i s", task_name(call), delay)
+        if packed:
+            self.send_alone(call, received, delay)
+            return True
+        self.heartbeat.release(received)
+        sqs.client().change_visibility_batch(
+            received.url, [received.receipt], delay)
+        return False
+
+    def send_alone(self, call, received, delay):
+        """Send a call of a packed message again, alone, in delay seconds.
+
+        Beyond what SQS delays, the call carries its due time and the
+        worker that receives it holds it back."""
+        eta = call.eta
+        if delay:
+            eta = dt.datetime.now() + dt.timedelta(seconds=delay)
+        elif eta is not None:
+            delay = max(0, (eta - dt.datetime.now()).total_seconds())
+        if delay <= sqs.MAX_DELAY:
+            eta = None
+        body = encode_call(call._replace(eta=eta))
+        sqs.client().send_batch(received.url, [
+                message_entry('0', body, min(math.ceil(delay), sqs.MAX_DELAY))])
 
     def record(self, call, state, attempt, error=None, traceback=None):
         "Write the outcome of an attempt on the task row, as root."
@@ -554,7 +606,8 @@ class WorkerProcess:
                     "%s does not store records" % model, task_id=call.task)
             found = set()
             with inactive_records():
-                for sub_ids in grouped_slice(ids):
+                for sub_ids in grouped_slice(
+                        ids, backend.MAX_QUERY_PARAMS):
                     found.update(map(int, Model.search(
                                 [('id', 'in', list(sub_ids))], order=[])))
             if missing := ids - found:
@@ -615,11 +668,11 @@ def relay_pending(database_name, before):
     sent = []
     for queue_name, items in by_queue.items():
         url = transport.url(queue_name)
-        for start in range(0, len(items), sqs.MAX_BATCH):
-            batch = items[start:start + sqs.MAX_BATCH]
-            transport.send_batch(url, [message_entry(str(i), body, delay)
-                    for i, (_, body, delay) in enumerate(batch)])
-            sent.append([uuid for uuid, _, _ in batch])
+        entries = [message_entry(str(i), body, delay)
+            for i, (_, body, delay) in enumerate(items)]
+        for batch in sqs.batches(entries):
+            transport.send_batch(url, batch)
+            sent.append([items[int(e['Id'])][0] for e in batch])
     mark_queued(database_name, sent)
 
 

@@ -51,6 +51,9 @@ def test_options_validated():
         async_task(delay=15 * 24 * 3600)
     with pytest.raises(ValueError, match='visibility_timeout'):
         async_task(visibility_timeout=43201)
+    for calls in (0, 101):
+        with pytest.raises(ValueError, match='calls_per_message'):
+            async_task(calls_per_message=calls)
 
 
 def test_not_deferrable_outside_transaction(database):

@@ -109,6 +109,27 @@ class Item(ModelSQL):
         cls.create([{'name': 'not deferrable'}])
         return value
 
+    @async_task(ignore_result=False, calls_per_message=10, retries=1,
+        retry_backoff=1)
+    @classmethod
+    def packed(cls, name, value=0, behaviour=None):
+        """Create an item, as one of several calls sharing a message.
+
+        behaviour: 'user' raises a UserError, 'sleep' takes a second first,
+        a path fails the first attempt (counted in the file)."""
+        if behaviour == 'user':
+            raise UserError("packed %s refused" % value)
+        if behaviour == 'sleep':
+            time.sleep(1)
+        elif behaviour:
+            with open(behaviour, 'a+') as fp:
+                fp.write('attempt\n')
+                fp.seek(0)
+                if len(fp.readlines()) == 1:
+                    raise RuntimeError("first attempt of %s fails" % value)
+        cls.create([{'name': name, 'value': value}])
+        return value
+
     @async_task(ignore_result=False)
     @classmethod
     def typed(cls, values):
