@@ -245,7 +245,8 @@ def defer(options, wrapped, instance, args, kwargs):
 
     delay = check_delay(kwargs.pop('_delay_', options.delay), '_delay_')
     eta = kwargs.pop('_eta_', None)
-    queue = kwargs.pop('_queue_', None) or options.queue or sqs.settings.queue()
+    queue = (kwargs.pop('_queue_', None) or options.queue
+        or sqs.settings.queue())
     now = dt.datetime.now()
     if eta is not None:
         if not isinstance(eta, dt.datetime) or eta.tzinfo is not None:

@@ -87,6 +87,12 @@ def relay_grace():
     return _getint('relay_grace', 60, 1, 86400)
 
 
+def prefetch():
+    """Messages a worker process holds at most per queue, received and not
+    finished (1 to 100)."""
+    return _getint('prefetch', 10, 1, 100)
+
+
 def calls_per_message():
     """How many calls of one transaction to one queue a message may carry
     (1 to 100), for the methods that do not say."""

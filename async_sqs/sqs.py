@@ -8,7 +8,7 @@ import os
 import re
 import threading
 
-import boto3
+import botocore.session
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
@@ -114,12 +114,13 @@ class Transport:
 
     def __init__(self, endpoint_url, region, access_key, secret_key,
             max_attempts):
-        session = boto3.session.Session(
+        # botocore's session, as boto3's wraps it: boto3's own import adds
+        # s3transfer and its resources, megabytes per worker process
+        self.sqs = botocore.session.get_session().create_client('sqs',
+            region_name=region,
+            endpoint_url=endpoint_url,
             aws_access_key_id=access_key,
             aws_secret_access_key=secret_key,
-            region_name=region)
-        self.sqs = session.client('sqs',
-            endpoint_url=endpoint_url,
             config=Config(
                 retries={'mode': 'standard', 'max_attempts': max_attempts},
                 max_pool_connections=32,

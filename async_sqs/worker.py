@@ -6,6 +6,7 @@ The main process supervises worker processes. Each process initialises the
 Tryton pool of its databases once, long-polls its queues from receiver
 threads and runs the calls one at a time, each in its own transaction as the
 recorded user with the recorded context."""
+import ctypes
 import datetime as dt
 import logging
 import math
@@ -38,8 +39,10 @@ from .result import reply_queue_attributes
 
 logger = logging.getLogger(__name__)
 
-#: Messages one process holds at most, received but not finished.
-PREFETCH = 10
+#: mallopt parameter of glibc that caps the number of malloc arenas.
+M_ARENA_MAX = -8
+#: Malloc arenas a worker process's threads share.
+MALLOC_ARENAS = 2
 #: Seconds between two restarts of a worker process that died.
 RESTART_DELAY = 1
 #: Longest visibility timeout SQS allows, in seconds.
@@ -159,11 +162,11 @@ class Heartbeat:
 class WorkerProcess:
     "One worker process: receiver threads feeding one executor."
 
-    def __init__(self, database_names, queue_names=None, prefetch=PREFETCH,
+    def __init__(self, database_names, queue_names=None, prefetch=None,
             relay=False):
         self.database_names = database_names
         self.queue_names = queue_names
-        self.prefetch = prefetch
+        self.prefetch = prefetch or settings.prefetch()
         self.relay = relay
         self.stopping = threading.Event()
         self.buffer = queue_module.Queue()
@@ -207,9 +210,9 @@ class WorkerProcess:
         transport = sqs.client()
         receivers = []
         queues = self.queues()
-        # each queue its share of the prefetch: one busy queue must not
-        # starve the others of receive calls
-        share = max(1, self.prefetch // len(queues))
+        # each queue its own prefetch: one busy queue must not starve the
+        # others, and receives of ten cost a tenth of receives of one
+        share = self.prefetch
         for database_name, name in queues:
             queue_name = sqs.task_queue_name(database_name, name)
             url = transport.url(queue_name)
@@ -444,8 +447,9 @@ class WorkerProcess:
         if delay <= sqs.MAX_DELAY:
             eta = None
         body = encode_call(call._replace(eta=eta))
-        sqs.client().send_batch(received.url, [
-                message_entry('0', body, min(math.ceil(delay), sqs.MAX_DELAY))])
+        delay = min(math.ceil(delay), sqs.MAX_DELAY)
+        sqs.client().send_batch(
+            received.url, [message_entry('0', body, delay)])
 
     def record(self, call, state, attempt, error=None, traceback=None):
         "Write the outcome of an attempt on the task row, as root."
@@ -676,8 +680,22 @@ def relay_pending(database_name, before):
     mark_queued(database_name, sent)
 
 
+def limit_malloc_arenas():
+    """Let the threads of the process share two malloc arenas.
+
+    glibc gives each thread that allocates an arena of its own; receiver
+    and heartbeat threads mostly wait, and their arenas cost megabytes of
+    resident memory per process. Elsewhere than glibc this does nothing."""
+    try:
+        libc = ctypes.CDLL('libc.so.6')
+        libc.mallopt(M_ARENA_MAX, MALLOC_ARENAS)
+    except (OSError, AttributeError):
+        pass
+
+
 def _child(options, queue_names, relay):
     from trytond import commandline
+    limit_malloc_arenas()
     config.update_etc(options.configfile)
     commandline.config_log(options)
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -5,29 +5,48 @@
 
     bash bench/run                  # builds .venv/bench, then runs this
     .venv/bench/bin/python bench/run.py [--quick | --full] [-n N]
+        [--db sqlite | postgresql]
 
 Needs a python with trytond, boto3, wrapt, moto[server] and async_sqs
 installed (celery[sqs], kombu and pycurl for the Celery peer, which is
-skipped, with a note, when they are missing). It links
-bench/async_sqs_bench into that python's trytond/modules, starts its own
-moto server on 127.0.0.1, creates a SQLite database in a temp dir and
-measures, --repeat times each (moto is reset before every measurement):
+skipped, with a note, when they are missing; psycopg for --db postgresql).
+It links bench/async_sqs_bench into that python's trytond/modules, starts
+its own moto server on 127.0.0.1, creates the database and measures,
+--repeat times each (moto is reset before every measurement):
 
 - raw boto3: SendMessageBatch of ten, ReceiveMessage(10)+DeleteMessageBatch
   drain, request/reply round trip on a fresh UUID queue and a fixed queue;
 - async_sqs: N deferred calls in one transaction, drain by
   trytond-async-worker -n 1, 2, 4, defer().wait() round trip;
-- ir.queue: N __queue__ calls in one transaction, trytond-worker -n 2;
+- ir.queue: N __queue__ calls in one transaction, and on PostgreSQL their
+  drain by trytond-worker -n 2 (it waits on the connection's socket, which
+  SQLite has not);
 - Celery: N apply_async, celery worker -P prefork -c 2.
+
+--db sqlite (the default) creates a SQLite file in a temp dir. --db
+postgresql starts a throwaway PostgreSQL cluster in that temp dir (the
+newest /usr/lib/postgresql/*/bin, installed with apt-get by scripts/lib.sh
+when missing and run as root; initdb and the server run as the user
+postgres then) on a free port of 127.0.0.1, with fsync off, and stops it at
+the end, also on an error or SIGTERM.
+
+--full adds the cost per task at N=2000 against N=500 with the same
+queue-depth profile: moto scans the whole queue on every call, so the 2000
+calls go round-robin to 4 queues of 500 (the _queue_ option of defer) and
+one worker listens to the 4 (--queue, repeated); both the enqueue and the
+drain -n 2 are compared with the same at 500 in one queue, measured next to
+them.
 
 It prints one table and writes every sample as a JSON line to
 bench/results/<timestamp>.jsonl. The environment of the trytond test suite
 (TRYTOND_*, DB_NAME, ...) is ignored."""
 import argparse
 import datetime as dt
+import glob
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import sqlite3
@@ -40,6 +59,7 @@ import urllib.request
 import uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
 BIN = os.path.dirname(sys.executable)
 DATABASE = 'bench'
 REGION = 'us-east-1'
@@ -50,6 +70,12 @@ POLL_INTERVAL = 0.1
 #: Longest a drain may take before the benchmark gives up.
 DRAIN_TIMEOUT = 600
 CLK_TCK = os.sysconf('SC_CLK_TCK')
+#: --full: the queues N=2000 is spread over, and the calls each one holds;
+#: moto's cost per message grows with the depth of the queue
+FULL_QUEUES = 4
+QUEUE_DEPTH = 500
+#: Label of the figures of calls that share messages, ten to a message.
+PACKED = ' (10 calls per message)'
 
 
 def say(text):
@@ -61,15 +87,20 @@ def parse_args(argv=None):
     parser.add_argument('--quick', action='store_true',
         help="N=20, 1 repeat, 10 round trips, skip peers not installed")
     parser.add_argument('--full', action='store_true',
-        help="also measure async_sqs at N=2000 (cost per task vs N=500)")
+        help="also measure the async_sqs enqueue and drain -n 2 of N=%s "
+        "over %s queues of %s, against %s in one queue (cost per task)" % (
+            FULL_QUEUES * QUEUE_DEPTH, FULL_QUEUES, QUEUE_DEPTH,
+            QUEUE_DEPTH))
     parser.add_argument('-n', type=int, default=None, metavar='N',
         help="calls per measurement (default 500, 20 with --quick)")
     parser.add_argument('--repeat', type=int, default=None,
         help="repeats of each measurement (default 3, 1 with --quick)")
     parser.add_argument('--calls', type=int, default=None,
         help="round trips per repeat (default 200, 10 with --quick)")
-    parser.add_argument('--db', choices=['sqlite'], default='sqlite',
-        help="database backend (only sqlite for now)")
+    parser.add_argument('--db', choices=['sqlite', 'postgresql'],
+        default='sqlite',
+        help="database backend: a SQLite file (default) or a throwaway "
+        "PostgreSQL cluster, which the trytond-worker drain needs")
     parser.add_argument('--no-peers', action='store_true',
         help="skip ir.queue and Celery")
     parser.add_argument('--results', default=os.path.join(HERE, 'results'),
@@ -231,6 +262,133 @@ class Moto:
         self.server.stop()
 
 
+def postgres_bin():
+    "Return the directory of the PostgreSQL server binaries."
+    def version(path):
+        name = path.split(os.sep)[-3]
+        return int(name) if name.isdigit() else 0
+
+    def find():
+        found = sorted(glob.glob('/usr/lib/postgresql/*/bin/initdb'),
+            key=version)
+        initdb = found[-1] if found else shutil.which('initdb')
+        return os.path.dirname(initdb) if initdb else None
+
+    if not find():
+        say("no PostgreSQL server here: scripts/lib.sh installs it")
+        subprocess.run(['bash', '-c',
+                'source scripts/lib.sh && pg_ensure_installed'],
+            cwd=ROOT, check=True)
+    return find()
+
+
+class Postgres:
+    "A throwaway PostgreSQL cluster on a free port of 127.0.0.1."
+
+    def __init__(self, directory):
+        try:
+            import psycopg  # noqa: F401
+        except ImportError as exc:
+            raise RuntimeError("--db postgresql needs psycopg, trytond's "
+                "driver (%s): use bash bench/run" % exc) from exc
+        self.bin = postgres_bin()
+        self.directory = os.path.join(directory, 'postgresql')
+        self.data = os.path.join(self.directory, 'data')
+        self.pid = None
+        os.mkdir(self.directory)
+        if os.getuid() == 0:
+            # initdb refuses root: the cluster is postgres's, who must be
+            # able to pass through the temp dir to reach it
+            os.chmod(directory, 0o711)
+            shutil.chown(self.directory, 'postgres', 'postgres')
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def owner(self, command, log):
+        "Run a PostgreSQL binary as the owner of the cluster."
+        command = [os.path.join(self.bin, command[0])] + command[1:]
+        if os.getuid() == 0:
+            command = ['runuser', '-u', 'postgres', '--'] + command
+        # from the cluster's directory: postgres may not read our cwd
+        result = subprocess.run(command, cwd=self.directory,
+            stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        with open(os.path.join(self.directory, log), 'a') as fp:
+            fp.write(result.stdout + result.stderr)
+        return result
+
+    def log(self):
+        try:
+            with open(os.path.join(self.directory, 'server.log'),
+                    errors='replace') as fp:
+                return fp.read()[-3000:]
+        except OSError:
+            return ''
+
+    def start(self):
+        result = self.owner(['initdb', '-D', self.data, '-A', 'trust',
+                '-U', 'postgres', '-E', 'UTF8', '--locale=C.UTF-8',
+                '--no-sync'], 'initdb.log')
+        if result.returncode:
+            raise RuntimeError("initdb failed:\n%s"
+                % (result.stdout + result.stderr)[-3000:])
+        for _ in range(3):
+            self.port = free_port()
+            # fsync off: the disk is not what is measured; timezone UTC is
+            # trytond's, which writes datetime.now() beside CURRENT_TIMESTAMP
+            result = self.owner(['pg_ctl', '-D', self.data,
+                    '-l', os.path.join(self.directory, 'server.log'),
+                    '-o', '-p %s -k %s -c listen_addresses=127.0.0.1 '
+                    '-c fsync=off -c synchronous_commit=off '
+                    '-c full_page_writes=off -c max_connections=200 '
+                    '-c timezone=UTC' % (self.port, self.directory),
+                    '-w', '-t', '60', 'start'], 'pg_ctl.log')
+            self.pid = self.postmaster_pid()
+            if not result.returncode:
+                return
+            # the port may have been taken in between: try another one
+            self.stop()
+        raise RuntimeError("PostgreSQL did not start:\n%s" % self.log())
+
+    def postmaster_pid(self):
+        try:
+            with open(os.path.join(self.data, 'postmaster.pid')) as fp:
+                return int(fp.readline())
+        except (OSError, ValueError):
+            return None
+
+    def uri(self):
+        return 'postgresql://postgres@127.0.0.1:%s/' % self.port
+
+    def connect(self, database):
+        "Return an autocommit connection to the database."
+        import psycopg
+        return psycopg.connect(host='127.0.0.1', port=self.port,
+            user='postgres', dbname=database, autocommit=True)
+
+    def create(self, database):
+        # trytond-admin fills a database, it does not create one
+        with self.connect('postgres') as connection:
+            connection.execute('CREATE DATABASE "%s" TEMPLATE template0 '
+                "ENCODING 'UTF8'" % database)
+
+    def stop(self):
+        "Stop the server: a fast shutdown, else SIGKILL to its group."
+        if self.postmaster_pid() is None:
+            return
+        result = self.owner(['pg_ctl', '-D', self.data, '-m', 'fast', '-w',
+                '-t', '30', 'stop'], 'pg_ctl.log')
+        pid = self.postmaster_pid() or self.pid
+        if result.returncode and pid:
+            # pg_ctl made the postmaster the leader of a session of its own
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 # --- results -----------------------------------------------------------------
 
 class Results:
@@ -264,7 +422,7 @@ class Results:
             entry['rss'].append(rss)
         self.write(dict(kind='sample', figure=figure, n=n, value=value,
                 unit=unit, moto_cpu_s=moto_cpu, rss_mib=rss, **extra))
-        say("%-42s %10.1f %s" % (figure, value, unit))
+        say("%-60s %10.1f %s" % (figure, value, unit))
 
     def median(self, figure):
         entry = self.figures.get(figure)
@@ -272,21 +430,22 @@ class Results:
             return None
         return statistics.median(entry['values'])
 
-    def ratio(self, name, numerator, denominator, median=None):
-        "Add the ratio of two medians (or of the values given)."
+    def ratio(self, name, numerator, denominator, median=None, note=None):
+        """Add the ratio of two medians (or of the values given); the note
+        is printed under it."""
         a = self.median(numerator) if median is None else median[0]
         b = self.median(denominator) if median is None else median[1]
         if a is None or b is None or not b:
             value = None
         else:
             value = a / b
-        self.ratios.append((name, value))
+        self.ratios.append((name, value, note))
         self.write(dict(kind='ratio', name=name, value=value,
                 numerator=numerator, denominator=denominator))
 
     def table(self):
         lines = []
-        header = ('%-46s %5s %10s %21s %-6s %13s %8s' % (
+        header = ('%-60s %5s %10s %21s %-6s %13s %8s' % (
                 'figure', 'N', 'median', 'min-max', 'unit',
                 'moto CPU ms/msg', 'RSS MiB'))
         lines.append(header)
@@ -299,18 +458,36 @@ class Results:
                 if e['moto_cpu'] else '%13s' % '')
             rss = ('%8.0f' % statistics.median(e['rss'])
                 if e['rss'] else '%8s' % '')
-            lines.append('%-46s %5i %10.1f %10.1f-%-10.1f %-6s %s %s' % (
+            lines.append('%-60s %5i %10.1f %10.1f-%-10.1f %-6s %s %s' % (
                     figure, e['n'], statistics.median(values), min(values),
                     max(values), e['unit'], cpu, rss))
         lines.append('')
         lines.append('ratios (of medians)')
-        for name, value in self.ratios:
-            lines.append('  %-58s %s' % (
+        for name, value, note in self.ratios:
+            lines.append('  %-66s %s' % (
                     name, 'n/a' if value is None else '%.2f' % value))
+            if note:
+                lines.append('      %s' % note)
         return '\n'.join(lines)
 
     def close(self):
         self.file.close()
+
+
+def span(first, last, started):
+    """Return the epoch seconds of the first and last timestamps of a drain
+    that began at started (epoch seconds).
+
+    The columns hold naive UTC, text from SQLite, datetime from PostgreSQL;
+    a time zone mixed up in them would put the drain outside of the run."""
+    first, last = (
+        (dt.datetime.fromisoformat(v) if isinstance(v, str) else v)
+        .replace(tzinfo=dt.timezone.utc).timestamp()
+        for v in (first, last))
+    if not started - 1 <= first <= last <= time.time() + 1:
+        raise RuntimeError("drain timestamps %s to %s outside of the run "
+            "(%s to now): not UTC?" % (first, last, started))
+    return first, last
 
 
 def percentile(values, q):
@@ -323,12 +500,14 @@ def percentile(values, q):
 
 class Bench:
 
-    def __init__(self, options, directory, moto, results):
+    def __init__(self, options, directory, moto, postgres, results):
         self.options = options
         self.directory = directory
         self.moto = moto
+        self.postgres = postgres
         self.results = results
         self.db_path = os.path.join(directory, DATABASE + '.sqlite')
+        self.connection = None
         self.secret = 'bench-%s' % uuid.uuid4().hex
         self.env = dict(os.environ, BENCH_RUN=os.path.basename(directory))
         self.config_path = self.write_config('bench')
@@ -338,19 +517,25 @@ class Bench:
     # -- setup
     def write_config(self, prefix, name=None):
         path = os.path.join(self.directory, (name or prefix) + '.conf')
+        if self.postgres:
+            database = 'uri = %s\n' % self.postgres.uri()
+        else:
+            database = 'uri = sqlite://\npath = %s\n' % self.directory
         with open(path, 'w') as fp:
-            fp.write('[database]\nuri = sqlite://\npath = %s\n\n'
+            fp.write('[database]\n%s\n'
                 '[queue]\nworker = True\n\n'
                 '[async_sqs]\nendpoint_url = %s\nregion = %s\n'
                 'access_key = bench\nsecret_key = bench\nwait_time = 1\n'
                 'queue_prefix = %s\nsecret = %s\n' % (
-                    self.directory, self.moto.url, REGION, prefix,
-                    self.secret))
+                    database, self.moto.url, REGION, prefix, self.secret))
         return path
 
     def create_database(self):
         t0 = time.monotonic()
-        open(self.db_path, 'w').close()
+        if self.postgres:
+            self.postgres.create(DATABASE)
+        else:
+            open(self.db_path, 'w').close()
         password = os.path.join(self.directory, 'password')
         with open(password, 'w') as fp:
             fp.write('admin\n')
@@ -371,7 +556,7 @@ class Bench:
         from trytond.pool import Pool
         Pool.start()
         Pool(DATABASE).init()
-        self.user = self.sql('SELECT id FROM res_user WHERE login = ?',
+        self.user = self.sql('SELECT id FROM res_user WHERE login = %s',
             ('admin',))[0][0]
         from trytond.transaction import Transaction
         with Transaction().start(DATABASE, self.user):
@@ -379,14 +564,29 @@ class Bench:
             self.item_id, = map(int, Item.create([{'name': 'bench'}]))
 
     def sql(self, query, args=()):
-        "Run query on the database file directly, outside of trytond."
+        """Run query on the database directly, outside of trytond.
+
+        %s marks an argument, as for PostgreSQL; timestamps come back as
+        SQLite stores them, text, and as datetime from PostgreSQL."""
+        if self.postgres:
+            # one connection: a new one per poll would load the server
+            if self.connection is None:
+                self.connection = self.postgres.connect(DATABASE)
+            cursor = self.connection.execute(query, args or None)
+            return cursor.fetchall() if cursor.description else []
         connection = sqlite3.connect(self.db_path, timeout=30)
         try:
-            rows = connection.execute(query, args).fetchall()
+            rows = connection.execute(
+                query.replace('%s', '?'), args).fetchall()
             connection.commit()
             return rows
         finally:
             connection.close()
+
+    def close(self):
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
 
     def prefix(self):
         "Reset moto and return a queue prefix of its own."
@@ -499,39 +699,49 @@ class Bench:
             responder.wait(10)
 
     # -- async_sqs
-    def defer_noops(self, n):
-        "Defer n no-op calls in one transaction; return the seconds taken."
+    def defer_noops(self, n, queues=(None,), method='noop'):
+        """Defer n no-op calls in one transaction, in turn to each of the
+        queues named (None: the default queue); return the seconds taken.
+
+        method noop_packed lets ten calls share a message."""
         from trytond.pool import Pool
         from trytond.transaction import Transaction
         self.sql('DELETE FROM async_sqs_task')
         t0 = time.perf_counter()
         with Transaction().start(DATABASE, self.user):
             Item = Pool().get('async_sqs.bench.item')
-            handles = [Item.noop.defer() for _ in range(n)]
+            noop = getattr(Item, method)
+            handles = [noop.defer(_queue_=queues[i % len(queues)])
+                for i in range(n)]
         elapsed = time.perf_counter() - t0
         states = {h.state for h in handles}
         if states != {'sent'}:
             raise RuntimeError("deferred calls not all sent: %s" % states)
         return elapsed
 
-    def async_enqueue(self, n):
+    def async_enqueue(self, n, queues=(None,), label='', method='noop'):
         self.prefix()
         cpu0 = self.moto.cpu()
-        elapsed = self.defer_noops(n)
-        self.results.add('async_sqs enqueue (defer + commit)', n,
-            n / elapsed, 'msg/s', self.moto.cpu() - cpu0)
+        elapsed = self.defer_noops(n, queues, method)
+        self.results.add('async_sqs enqueue (defer + commit)' + label, n,
+            n / elapsed, 'msg/s' if method == 'noop' else 'task/s',
+            self.moto.cpu() - cpu0)
 
-    def async_worker(self, prefix, processes):
+    def async_worker(self, prefix, processes, queues=(None,)):
         config_path = self.write_config(prefix, 'worker-%s' % prefix)
+        listen = []
+        for name in filter(None, queues):
+            listen += ['--queue', name]
         return Process([os.path.join(BIN, 'trytond-async-worker'),
-                '-c', config_path, '-d', DATABASE, '-n', str(processes)],
-            self.log_path('async-worker'), env=self.env)
+                '-c', config_path, '-d', DATABASE, '-n', str(processes)]
+            + listen, self.log_path('async-worker'), env=self.env)
 
-    def async_drain(self, n, processes, label=''):
+    def async_drain(self, n, processes, queues=(None,), label='',
+            method='noop'):
         prefix = self.prefix()
-        self.defer_noops(n)
+        self.defer_noops(n, queues, method)
         cpu0 = self.moto.cpu()
-        worker = self.async_worker(prefix, processes)
+        worker = self.async_worker(prefix, processes, queues)
         try:
             def finished():
                 done, = self.sql("SELECT count(*) FROM async_sqs_task "
@@ -544,15 +754,26 @@ class Bench:
             worker.stop()
         (first, last, failed), = self.sql(
             "SELECT min(started_at), max(finished_at), "
-            "sum(state = 'failed') FROM async_sqs_task")
+            "count(CASE WHEN state = 'failed' THEN 1 END) "
+            "FROM async_sqs_task")
         if failed:
             say("%s call(s) failed, see %s" % (failed, worker.log_path))
-        first, last = map(dt.datetime.fromisoformat, (first, last))
+        first, last = span(first, last, worker.started)
         figure = 'async_sqs drain -n %s%s' % (processes, label)
-        self.results.add(figure, n, n / (last - first).total_seconds(),
-            'task/s', cpu, rss)
+        self.results.add(figure, n, n / (last - first), 'task/s', cpu, rss)
         self.results.add(figure + ' incl. start-up', n,
-            n / (last.timestamp() - worker.started), 'task/s', cpu, rss)
+            n / (last - worker.started), 'task/s', cpu, rss)
+
+    def async_full(self):
+        """The enqueue and drain -n 2 of N=2000 over 4 queues of 500, each
+        next to the same at 500 in one queue: one depth profile."""
+        queues = ['full%s' % i for i in range(FULL_QUEUES)]
+        one = ' (1 queue x %s)' % QUEUE_DEPTH
+        many = ' (%s queues x %s)' % (FULL_QUEUES, QUEUE_DEPTH)
+        self.async_enqueue(QUEUE_DEPTH, label=one)
+        self.async_enqueue(QUEUE_DEPTH * FULL_QUEUES, queues, label=many)
+        self.async_drain(QUEUE_DEPTH, 2, label=one)
+        self.async_drain(QUEUE_DEPTH * FULL_QUEUES, 2, queues, label=many)
 
     def async_wait(self, calls):
         from trytond.pool import Pool
@@ -600,11 +821,11 @@ class Bench:
         elapsed = self.queue_enqueue(n)
         self.results.add('ir.queue enqueue (__queue__ + commit)', n,
             n / elapsed, 'task/s')
-        if self.options.db == 'sqlite':
+        if not self.postgres:
             # trytond-worker selects on the connection's socket: SQLite has
             # none (ValueError: Invalid file object)
             if not self.options.quick or self.sequence < 2:
-                say("SKIPPED trytond-worker drain: it needs PostgreSQL")
+                say("SKIPPED trytond-worker drain: it needs --db postgresql")
             return
         worker = Process([os.path.join(BIN, 'trytond-worker'),
                 '-c', self.config_path, '-d', DATABASE, '-n', str(processes)],
@@ -618,17 +839,16 @@ class Bench:
             rss = child_rss(worker.pid)
         finally:
             worker.stop()
+        # dequeued_at is the server's CURRENT_TIMESTAMP, finished_at the
+        # worker's datetime.now(): both UTC, as trytond sets TZ=UTC in each
+        # process and PGTZ from it, and span() checks it
         (first, last), = self.sql(
             "SELECT min(dequeued_at), max(finished_at) FROM ir_queue")
-        # dequeued_at is SQL's CURRENT_TIMESTAMP (UTC), finished_at is
-        # datetime.now(): comparable only where local time is UTC
-        first, last = map(dt.datetime.fromisoformat, (first, last))
+        first, last = span(first, last, worker.started)
         figure = 'ir.queue trytond-worker -n %s' % processes
-        if time.timezone == 0 and not time.daylight:
-            self.results.add(figure, n, n / (last - first).total_seconds(),
-                'task/s', rss=rss)
+        self.results.add(figure, n, n / (last - first), 'task/s', rss=rss)
         self.results.add(figure + ' incl. start-up', n,
-            n / (last.timestamp() - worker.started), 'task/s', rss=rss)
+            n / (last - worker.started), 'task/s', rss=rss)
 
     # -- Celery
     def celery_env(self):
@@ -722,8 +942,12 @@ def celery_missing():
 
 def run(options, directory, results):
     moto = Moto(directory)
+    postgres = bench = None
     try:
-        bench = Bench(options, directory, moto, results)
+        if options.db == 'postgresql':
+            postgres = Postgres(directory)
+            say("PostgreSQL on port %s" % postgres.port)
+        bench = Bench(options, directory, moto, postgres, results)
         bench.create_database()
         n, repeat = options.n, options.repeat
         missing = None if not options.no_peers else "--no-peers"
@@ -744,16 +968,20 @@ def run(options, directory, results):
             bench.async_enqueue(n)
             for processes in (1, 2, 4):
                 bench.async_drain(n, processes)
+            bench.async_enqueue(n, label=PACKED, method='noop_packed')
+            bench.async_drain(n, 2, label=PACKED, method='noop_packed')
+            if options.full:
+                bench.async_full()
             bench.async_wait(options.calls)
             if not options.no_peers:
                 bench.queue_drain(n)
                 if missing is None:
                     bench.celery(n)
-        if options.full:
-            for r in range(repeat):
-                say("--full: N=2000, repeat %s/%s" % (r + 1, repeat))
-                bench.async_drain(2000, 2, label=' (N=2000)')
     finally:
+        if bench is not None:
+            bench.close()
+        if postgres is not None:
+            postgres.stop()
         moto.stop()
     add_ratios(results, options)
 
@@ -780,11 +1008,29 @@ def add_ratios(results, options):
         'async_sqs drain -n 1')
     r('wait p50 / raw UUID round trip p50', 'async_sqs defer().wait() p50',
         'raw boto3 round trip, fresh UUID queue p50')
+    enqueue = 'async_sqs enqueue (defer + commit)'
+    r('enqueue%s / Celery apply_async' % PACKED, enqueue + PACKED,
+        'Celery apply_async')
+    r('drain -n 2%s / Celery prefork -c 2' % PACKED,
+        'async_sqs drain -n 2' + PACKED, 'Celery worker prefork -c 2')
+    r('drain -n 2%s / trytond-worker -n 2' % PACKED,
+        'async_sqs drain -n 2' + PACKED, 'ir.queue trytond-worker -n 2')
+    r('drain -n 2%s / raw receive+delete' % PACKED,
+        'async_sqs drain -n 2' + PACKED,
+        'raw boto3 receive 10 + delete batch')
     if options.full:
-        a = results.median('async_sqs drain -n 2 (N=2000)')
-        b = results.median('async_sqs drain -n 2')
-        r('cost per task N=2000 / N=500 (drain -n 2)', None, None,
-            median=(1 / a if a else None, 1 / b if b else None))
+        one = ' (1 queue x %s)' % QUEUE_DEPTH
+        many = ' (%s queues x %s)' % (FULL_QUEUES, QUEUE_DEPTH)
+        # a cost is the inverse of a rate
+        for name, figure in [
+                ('cost per task N=%s / N=%s (drain -n 2)',
+                    'async_sqs drain -n 2'),
+                ('cost per call N=%s / N=%s (enqueue)',
+                    'async_sqs enqueue (defer + commit)')]:
+            r(name % (QUEUE_DEPTH * FULL_QUEUES, QUEUE_DEPTH),
+                figure + one, figure + many,
+                note="rate of '%s' / rate of '%s'" % (
+                    figure + one, figure + many))
     rss = {}
     for figure in ('async_sqs drain -n 2', 'ir.queue trytond-worker -n 2',
             'Celery worker prefork -c 2'):

@@ -196,7 +196,7 @@ def test_malformed_packs_refused(body):
 
 
 def test_decoded_in_order_and_same_task_twice_refused(database, prefix):
-    "A packed body gives its calls in order; one naming a task twice is refused"
+    "A packed body gives its calls in order; naming a task twice is refused"
     with Transaction().start(database, USER):
         Item = Pool().get('async_sqs.test.item')
         handles = [Item.packed.defer('order', i) for i in range(2)]

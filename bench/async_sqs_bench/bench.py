@@ -15,6 +15,11 @@ class Item(ModelSQL):
     def noop(cls):
         "Do nothing: what is measured is the way there and back."
 
+    @async_task(calls_per_message=10)
+    @classmethod
+    def noop_packed(cls):
+        "Do nothing, ten calls of a transaction to a message."
+
     @async_task(ignore_result=False)
     @classmethod
     def answer(cls, value):
