@@ -189,12 +189,26 @@ def message_entry(id_, body, delay=0):
 
 
 def mark_queued(database_name, batches):
-    "Mark the rows of each batch of uuids queued."
-    try:
-        with Transaction(new=True).start(database_name, 0):
-            Task = Pool().get('async_sqs.task')
-            for uuids in batches:
-                Task.mark_queued(uuids)
-    except Exception:
-        # harmless: the relay sends them again and the worker runs one
-        logger.error("sent calls could not be marked queued", exc_info=True)
+    """Mark the rows of each batch of uuids queued.
+
+    A worker may have claimed a row meanwhile: on PostgreSQL the update then
+    fails to serialise, and once again it finds the row no longer pending."""
+    from trytond import backend, config
+    retries = config.getint('database', 'retry')
+    for attempt in range(retries + 1):
+        try:
+            with Transaction(new=True).start(database_name, 0):
+                Task = Pool().get('async_sqs.task')
+                for uuids in batches:
+                    Task.mark_queued(uuids)
+            return
+        except backend.DatabaseOperationalError:
+            if attempt < retries:
+                continue
+            logger.error("sent calls could not be marked queued",
+                exc_info=True)
+        except Exception:
+            # harmless: the relay sends them again and the worker runs one
+            logger.error("sent calls could not be marked queued",
+                exc_info=True)
+            return

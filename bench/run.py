@@ -17,7 +17,8 @@ its own moto server on 127.0.0.1, creates the database and measures,
 - raw boto3: SendMessageBatch of ten, ReceiveMessage(10)+DeleteMessageBatch
   drain, request/reply round trip on a fresh UUID queue and a fixed queue;
 - async_sqs: N deferred calls in one transaction, drain by
-  trytond-async-worker -n 1, 2, 4, defer().wait() round trip;
+  trytond-async-worker -n 1, 2, 4, defer().wait() round trip; the enqueue
+  and drain -n 2 again with ten calls to a message (calls_per_message);
 - ir.queue: N __queue__ calls in one transaction, and on PostgreSQL their
   drain by trytond-worker -n 2 (it waits on the connection's socket, which
   SQLite has not);

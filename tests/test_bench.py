@@ -23,6 +23,8 @@ ROWS = [
     'async_sqs drain -n 1',
     'async_sqs drain -n 2',
     'async_sqs drain -n 4',
+    'async_sqs enqueue (defer + commit) (10 calls per message)',
+    'async_sqs drain -n 2 (10 calls per message)',
     'async_sqs defer().wait() p50',
     'async_sqs defer().wait() p95',
     ]

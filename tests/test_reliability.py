@@ -82,6 +82,30 @@ def test_rows_written_with_the_commit(database, prefix):
     assert row(database, dropped.task_id) is None
 
 
+def test_marked_queued_after_a_claim(database, prefix, caplog):
+    "Marking rows queued gives way to a worker that claimed one meanwhile"
+    from trytond.modules.async_sqs.outbox import mark_queued
+    task_ids = [uuid.uuid4().hex for _ in range(2)]
+    with Transaction().start(database, USER):
+        Pool().get('async_sqs.task').insert_pending([{
+                    'uuid': t, 'queue': 'q', 'model': 'async_sqs.test.item',
+                    'method': 'create_named', 'records': None, 'user': USER,
+                    'eta': None, 'body': '{}'} for t in task_ids])
+    marker = threading.Thread(
+        target=mark_queued, args=(database, [task_ids]))
+    with Transaction().start(database, 0):
+        Task = Pool().get('async_sqs.task')
+        # what a worker's claim does, while the caller marks its batch
+        assert Task.claim(task_ids[0], 1, 'here') == ('pending', 1)
+        marker.start()
+        marker.join(0.5)
+    marker.join(30)
+    assert not marker.is_alive()
+    assert 'could not be marked queued' not in caplog.text
+    assert row(database, task_ids[0])['state'] == 'running'
+    assert row(database, task_ids[1])['state'] == 'queued'
+
+
 def test_readonly_transaction_rows(database, prefix, start_worker):
     "A read-only transaction's calls get their rows and run"
     name = 'readonly-%s' % uuid.uuid4()
