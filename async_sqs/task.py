@@ -113,7 +113,8 @@ class Task(ModelSQL, ModelView):
 
     @classmethod
     def claim(cls, uuid, attempt, worker):
-        """Lock the row of the call and mark it running.
+        """Lock the row of the call: FOR UPDATE on PostgreSQL, by marking it
+        running on SQLite.
 
         Return (state, attempt): the state the row had, and the number of
         this attempt, or None for the attempt when the call must not run
@@ -138,6 +139,12 @@ class Task(ModelSQL, ModelView):
             return state, None
         # a worker killed mid-call counted nothing: SQS counted receives
         attempt = max((attempts or 0) + 1, attempt)
+        if backend.name == 'postgresql':
+            # the row lock holds a second delivery back; finish writes the
+            # attempt, which no one sees before the commit anyway
+            return state, attempt
+        # SQLite has no row lock: the write lock taken here holds a second
+        # delivery back before it runs the call
         cursor.execute(*table.update(
                 [table.state, table.attempts, table.started_at,
                     table.worker, table.error, table.traceback],

@@ -519,7 +519,8 @@ class WorkerProcess:
                     if call.reply:
                         reply = self.encode_result(call, result)
                     Task.finish(call.task, 'done',
-                        started_at=attempt.started_at)
+                        started_at=attempt.started_at,
+                        attempts=attempt.number, worker=self.host)
                 return reply
             except backend.DatabaseOperationalError:
                 if count < retry:

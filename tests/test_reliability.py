@@ -83,7 +83,7 @@ def test_rows_written_with_the_commit(database, prefix):
 
 
 def test_marked_queued_after_a_claim(database, prefix, caplog):
-    "Marking rows queued gives way to a worker that claimed one meanwhile"
+    "Marking rows queued gives way to a worker that ran one meanwhile"
     from trytond.modules.async_sqs.outbox import mark_queued
     task_ids = [uuid.uuid4().hex for _ in range(2)]
     with Transaction().start(database, USER):
@@ -95,14 +95,15 @@ def test_marked_queued_after_a_claim(database, prefix, caplog):
         target=mark_queued, args=(database, [task_ids]))
     with Transaction().start(database, 0):
         Task = Pool().get('async_sqs.task')
-        # what a worker's claim does, while the caller marks its batch
+        # what a worker's transaction does, while the caller marks its batch
         assert Task.claim(task_ids[0], 1, 'here') == ('pending', 1)
+        Task.finish(task_ids[0], 'done', attempts=1, worker='here')
         marker.start()
         marker.join(0.5)
     marker.join(30)
     assert not marker.is_alive()
     assert 'could not be marked queued' not in caplog.text
-    assert row(database, task_ids[0])['state'] == 'running'
+    assert row(database, task_ids[0])['state'] == 'done'
     assert row(database, task_ids[1])['state'] == 'queued'
 
 

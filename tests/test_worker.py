@@ -257,3 +257,15 @@ def test_dead_worker_process_replaced(database, start_worker):
     handle = defer(database, lambda pool: pool.get(
             'async_sqs.test.item').echo.defer('after restart'))
     assert handle.wait(60)['pid'] != pid
+
+
+def test_prefetch_spreads_slow_calls(database, start_worker):
+    "With a prefetch of one, two slow calls go to two processes at once"
+    start_worker(processes=2, options={'prefetch': '1'})
+
+    def run(pool):
+        Item = pool.get('async_sqs.test.item')
+        return [Item.sleep_then_pid.defer(2) for _ in range(2)]
+    handles = defer(database, run)
+    pids = [h.wait(60) for h in handles]
+    assert pids[0] != pids[1]

@@ -76,6 +76,13 @@ class Item(ModelSQL):
         cls.create([{'name': name}])
         return name
 
+    @async_task(ignore_result=False)
+    @classmethod
+    def sleep_then_pid(cls, seconds):
+        "Return the process id of the worker, after seconds."
+        time.sleep(seconds)
+        return os.getpid()
+
     @async_task(ignore_result=False, retries=2, retry_backoff=1)
     @classmethod
     def flaky(cls, path, failures):
