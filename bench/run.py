@@ -616,6 +616,20 @@ class Bench:
             time.sleep(POLL_INTERVAL)
 
     # -- raw boto3
+    def count(self, query):
+        "Return the number a SELECT count(*) query gives."
+        return self.sql(query)[0][0]
+
+    def drain(self, worker, cpu0, finished, what):
+        """Wait until finished() with the worker running, then stop it.
+
+        Return moto's CPU seconds since cpu0 and the worker's RSS."""
+        try:
+            self.wait_for(finished, worker, what)
+            return self.moto.cpu() - cpu0, child_rss(worker.pid)
+        finally:
+            worker.stop()
+
     def boto3_client(self):
         import boto3
         from botocore.config import Config
@@ -743,16 +757,9 @@ class Bench:
         self.defer_noops(n, queues, method)
         cpu0 = self.moto.cpu()
         worker = self.async_worker(prefix, processes, queues)
-        try:
-            def finished():
-                done, = self.sql("SELECT count(*) FROM async_sqs_task "
-                    "WHERE state IN ('done', 'failed')")[0]
-                return done >= n
-            self.wait_for(finished, worker, 'async_sqs drain')
-            cpu = self.moto.cpu() - cpu0
-            rss = child_rss(worker.pid)
-        finally:
-            worker.stop()
+        cpu, rss = self.drain(worker, cpu0, lambda: self.count(
+                "SELECT count(*) FROM async_sqs_task "
+                "WHERE state IN ('done', 'failed')") >= n, 'async_sqs drain')
         (first, last, failed), = self.sql(
             "SELECT min(started_at), max(finished_at), "
             "count(CASE WHEN state = 'failed' THEN 1 END) "
@@ -831,15 +838,9 @@ class Bench:
         worker = Process([os.path.join(BIN, 'trytond-worker'),
                 '-c', self.config_path, '-d', DATABASE, '-n', str(processes)],
             self.log_path('trytond-worker'), env=self.env)
-        try:
-            def finished():
-                done, = self.sql("SELECT count(*) FROM ir_queue "
-                    "WHERE finished_at IS NOT NULL")[0]
-                return done >= n
-            self.wait_for(finished, worker, 'ir.queue drain')
-            rss = child_rss(worker.pid)
-        finally:
-            worker.stop()
+        _, rss = self.drain(worker, self.moto.cpu(), lambda: self.count(
+                "SELECT count(*) FROM ir_queue "
+                "WHERE finished_at IS NOT NULL") >= n, 'ir.queue drain')
         # dequeued_at is the server's CURRENT_TIMESTAMP, finished_at the
         # worker's datetime.now(): both UTC, as trytond sets TZ=UTC in each
         # process and PGTZ from it, and span() checks it
@@ -879,18 +880,14 @@ class Bench:
                 'worker', '-P', 'prefork', '-c', str(processes),
                 '--without-gossip', '--without-mingle', '--without-heartbeat',
                 '-l', 'warning'], self.log_path('celery'), env=env, cwd=HERE)
-        try:
-            def finished():
-                try:
-                    with open(done_file) as fp:
-                        return fp.read().count('\n') >= n
-                except FileNotFoundError:
-                    return False
-            self.wait_for(finished, worker, 'Celery drain')
-            cpu = self.moto.cpu() - cpu0
-            rss = child_rss(worker.pid)
-        finally:
-            worker.stop()
+
+        def finished():
+            try:
+                with open(done_file) as fp:
+                    return fp.read().count('\n') >= n
+            except FileNotFoundError:
+                return False
+        cpu, rss = self.drain(worker, cpu0, finished, 'Celery drain')
         with open(done_file) as fp:
             times = [tuple(map(float, line.split())) for line in fp]
         first = min(t[0] for t in times)
