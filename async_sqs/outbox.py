@@ -188,11 +188,14 @@ def message_entry(id_, body, delay=0):
     return entry
 
 
-def mark_queued(database_name, batches):
-    """Mark the rows of each batch of uuids queued.
+def mark_queued(database_name, batches, touch=False):
+    """Mark the rows of each batch of uuids queued; with touch, note that
+    the rows already queued or running were sent again.
 
     A worker may have claimed a row meanwhile: on PostgreSQL the update then
-    fails to serialise, and once again it finds the row no longer pending."""
+    fails to serialise, and once again it finds the row no longer pending.
+    That is the normal case of a quick worker, not a fault: a row left
+    pending is done by then, or sent again by the relay and skipped."""
     from trytond import backend, config
     retries = config.getint('database', 'retry')
     for attempt in range(retries + 1):
@@ -201,11 +204,13 @@ def mark_queued(database_name, batches):
                 Task = Pool().get('async_sqs.task')
                 for uuids in batches:
                     Task.mark_queued(uuids)
+                    if touch:
+                        Task.touch(uuids)
             return
         except backend.DatabaseOperationalError:
             if attempt < retries:
                 continue
-            logger.error("sent calls could not be marked queued",
+            logger.debug("sent calls could not be marked queued",
                 exc_info=True)
         except Exception:
             # harmless: the relay sends them again and the worker runs one

@@ -113,3 +113,10 @@ def previous_secrets():
 def insecure():
     "True to run without a secret: messages unsigned and unchecked."
     return config.getboolean(SECTION, 'insecure', default=False)
+
+
+def stale_after():
+    """Seconds a row may stay queued or running, unchanged, before the
+    relay sends its call again (at least twice the visibility timeout)."""
+    return _getint('stale_after', 6 * 60 * 60,
+        2 * visibility_timeout(), 14 * 24 * 60 * 60)

@@ -8,6 +8,8 @@ transaction that runs the call and marks it done in that same transaction,
 so that a call's effects happen once however often SQS delivers it."""
 import datetime as dt
 
+from sql import Null
+
 from trytond.model import Index, ModelSQL, ModelView, Unique, fields
 from trytond.tools import grouped_slice
 from trytond.transaction import Transaction
@@ -22,6 +24,8 @@ STATES = [
     ]
 #: States from which a delivered message still runs.
 RUNNABLE = ('pending', 'queued', 'running')
+#: States of a row whose message was sent and whose call has not ended.
+UNSETTLED = ('queued', 'running')
 #: Rows of one INSERT: SQLite takes at most 500 rows in one VALUES.
 INSERT_ROWS = 500
 
@@ -100,16 +104,26 @@ class Task(ModelSQL, ModelView):
     @classmethod
     def mark_queued(cls, uuids):
         "Mark the pending rows of the uuids as queued."
+        cls._write_rows(uuids, ('pending',), state='queued')
+
+    @classmethod
+    def touch(cls, uuids):
+        "Note that the messages of the unsettled rows of uuids were sent."
+        cls._write_rows(uuids, UNSETTLED)
+
+    @classmethod
+    def _write_rows(cls, uuids, states, **values):
+        "Write values and the time on the rows of uuids in one of states."
         from trytond import backend
         cursor = Transaction().connection.cursor()
         table = cls.__table__()
-        now = dt.datetime.now()
+        columns = [getattr(table, c) for c in values] + [table.write_date]
+        values = list(values.values()) + [dt.datetime.now()]
         for sub_uuids in grouped_slice(
                 uuids, backend.MAX_QUERY_PARAMS):
-            cursor.execute(*table.update(
-                    [table.state, table.write_date], ['queued', now],
+            cursor.execute(*table.update(columns, values,
                     where=table.uuid.in_(list(sub_uuids))
-                    & (table.state == 'pending')))
+                    & table.state.in_(list(states))))
 
     @classmethod
     def claim(cls, uuid, attempt, worker):
@@ -144,18 +158,26 @@ class Task(ModelSQL, ModelView):
             # attempt, which no one sees before the commit anyway
             return state, attempt
         # SQLite has no row lock: the write lock taken here holds a second
-        # delivery back before it runs the call
+        # delivery back before it runs the call. The state read above may
+        # be stale by now (the read took no lock): the update checks it
+        # again, and a delivery that changed nothing does not run.
         cursor.execute(*table.update(
                 [table.state, table.attempts, table.started_at,
                     table.worker, table.error, table.traceback],
                 ['running', attempt, dt.datetime.now(), worker, None, None],
-                where=table.id == id_))
+                where=(table.id == id_) & table.state.in_(RUNNABLE)))
+        if cursor.rowcount != 1:
+            cursor.execute(*table.select(table.state,
+                    where=table.id == id_))
+            row = cursor.fetchone()
+            return (row[0] if row else None), None
         return state, attempt
 
     @classmethod
     def finish(cls, uuid, state, started_at=None, error=None,
-            traceback=None, attempts=None, worker=None):
-        "Record the end of an attempt: done, failed, or queued to retry."
+            traceback=None, attempts=None, worker=None, eta=None):
+        """Record the end of an attempt: done, failed, or queued to retry
+        (at eta)."""
         cursor = Transaction().connection.cursor()
         table = cls.__table__()
         now = dt.datetime.now()
@@ -171,6 +193,9 @@ class Task(ModelSQL, ModelView):
         if worker is not None:
             columns.append(table.worker)
             values.append(worker)
+        if eta is not None:
+            columns.append(table.eta)
+            values.append(eta)
         cursor.execute(*table.update(
                 columns, values, where=table.uuid == uuid))
 
@@ -184,6 +209,22 @@ class Task(ModelSQL, ModelView):
                 where=(table.state == 'pending')
                 & (table.enqueued_at < before),
                 order_by=[table.enqueued_at.asc], limit=limit))
+        return cursor.fetchall()
+
+    @classmethod
+    def stale_since(cls, before, limit=1000):
+        """Return (uuid, queue, body, eta) of rows left queued or running,
+        unchanged and not due since before: their message may be lost."""
+        from sql.conditionals import Coalesce
+        cursor = Transaction().connection.cursor()
+        table = cls.__table__()
+        changed = Coalesce(table.write_date, table.enqueued_at)
+        cursor.execute(*table.select(
+                table.uuid, table.queue, table.body, table.eta,
+                where=table.state.in_(UNSETTLED)
+                & (changed < before)
+                & ((table.eta == Null) | (table.eta < before)),
+                order_by=[changed.asc], limit=limit))
         return cursor.fetchall()
 
 

@@ -30,6 +30,7 @@ from trytond.tools import grouped_slice
 from trytond.transaction import Transaction, inactive_records
 
 from . import settings, sqs
+from .backoff import Outage
 from .exceptions import MessageError, RecordMissing
 from .message import (
     RecordRef, check_signing, decode_calls, encode_call, encode_reply,
@@ -51,6 +52,19 @@ MAX_VISIBILITY = 43200
 NO_ROW = "no task row: the call was never committed"
 #: What run_call returns for a call that ran already.
 SKIPPED = object()
+#: Message attribute counting how often the database kept a call from
+#: running: it sets the delay of the next try, not the call's attempts.
+RELEASED_ATTRIBUTE = 'async_sqs.released'
+#: Seconds before a call the database kept from running is tried again,
+#: doubled at each release, up to RELEASE_LONGEST.
+RELEASE_FIRST = 1
+RELEASE_LONGEST = 300
+RELEASE_DOUBLINGS = 16
+
+
+def database_errors():
+    "Return the exceptions that are the database's trouble, not the call's."
+    return (backend.DatabaseOperationalError, backend.DatabaseTimeoutError)
 
 
 def task_name(call):
@@ -124,6 +138,7 @@ class Heartbeat:
         self.stopping = stopping
         self.lock = threading.Lock()
         self.held = {}
+        self.outage = Outage("heartbeat (ChangeMessageVisibility)")
 
     def hold(self, received, timeout):
         with self.lock:
@@ -131,10 +146,25 @@ class Heartbeat:
                 received.url, timeout, time.monotonic()]
 
     def extend(self, received, timeout):
-        "Set the visibility timeout of a message held, from now."
+        """Set the visibility timeout of a message held, from now.
+
+        A failure is left to the next beat: the message is held anyway."""
         self.hold(received, timeout)
-        sqs.client().change_visibility_batch(
-            received.url, [received.receipt], timeout)
+        try:
+            sqs.client().change_visibility_batch(
+                received.url, [received.receipt], timeout)
+        except Exception as exc:
+            self.outage.failed(exc)
+            self.retry_soon(received)
+        else:
+            self.outage.succeeded()
+
+    def retry_soon(self, received):
+        "Make the next beat extend the message again."
+        with self.lock:
+            entry = self.held.get(received.receipt)
+            if entry is not None:
+                entry[2] = 0
 
     def release(self, received):
         with self.lock:
@@ -143,6 +173,8 @@ class Heartbeat:
     def run(self):
         transport = sqs.client()
         while not self.stopping.wait(1):
+            if not self.outage.due():
+                continue
             now = time.monotonic()
             due = defaultdict(list)
             with self.lock:
@@ -154,9 +186,15 @@ class Heartbeat:
             for (url, timeout), receipts in due.items():
                 try:
                     transport.change_visibility_batch(url, receipts, timeout)
-                except Exception:
-                    logger.error("heartbeat on %s failed", url,
-                        exc_info=True)
+                except Exception as exc:
+                    self.outage.failed(exc)
+                    # tried again at the next beat, not half a timeout later
+                    with self.lock:
+                        for receipt in receipts:
+                            if receipt in self.held:
+                                self.held[receipt][2] = 0
+                else:
+                    self.outage.succeeded()
 
 
 class WorkerProcess:
@@ -174,6 +212,30 @@ class WorkerProcess:
         self.heartbeat = Heartbeat(self.stopping)
         self.host = '%s:%s' % (socket.gethostname(), os.getpid())
         self.next_relay = 0
+        self.outages = {}
+        self.unsent_replies = []
+
+    def outage(self, what):
+        "Return the Outage that tracks the calls of that kind."
+        outage = self.outages.get(what)
+        if outage is None:
+            outage = self.outages[what] = Outage(what)
+        return outage
+
+    def try_sqs(self, what, function, *args, **kwargs):
+        """Call function; tell whether it worked.
+
+        A failure is logged once per outage of that kind of call, never
+        raised: what it did not do is done again by whoever calls later
+        (deletes are kept) or by the message coming back."""
+        outage = self.outage(what)
+        try:
+            function(*args, **kwargs)
+        except Exception as exc:
+            outage.failed(exc)
+            return False
+        outage.succeeded()
+        return True
 
     def stop(self, *args):
         self.stopping.set()
@@ -215,7 +277,9 @@ class WorkerProcess:
         share = self.prefetch
         for database_name, name in queues:
             queue_name = sqs.task_queue_name(database_name, name)
-            url = transport.url(queue_name)
+            url = self.queue_url(transport, queue_name)
+            if url is None:
+                return
             thread = threading.Thread(
                 target=self.receive_loop,
                 args=(database_name, queue_name, url,
@@ -231,6 +295,7 @@ class WorkerProcess:
             while not self.stopping.is_set():
                 if self.relay and time.monotonic() >= self.next_relay:
                     self.relay_pending()
+                self.send_replies()
                 try:
                     received = self.buffer.get(timeout=0.5)
                 except queue_module.Empty:
@@ -252,11 +317,25 @@ class WorkerProcess:
             for thread in receivers:
                 thread.join(settings.wait_time() + 5)
             self.release_buffer()
-            self.flush_deletes()
+            self.flush_deletes(force=True)
+            self.send_replies(force=True)
+
+    def queue_url(self, transport, queue_name):
+        "Return the URL of the queue, waiting for SQS; None if stopped."
+        outage = Outage("open queue %s" % queue_name)
+        while not self.stopping.is_set():
+            try:
+                url = transport.url(queue_name)
+            except Exception as exc:
+                self.stopping.wait(outage.failed(exc))
+            else:
+                outage.succeeded()
+                return url
 
     def receive_loop(self, database_name, queue_name, url, slots, share):
         transport = sqs.client()
         timeout = settings.visibility_timeout()
+        outage = Outage("receive from %s" % queue_name)
         while not self.stopping.is_set():
             if not slots.acquire(timeout=0.5):
                 continue
@@ -266,11 +345,11 @@ class WorkerProcess:
                 count += 1
             try:
                 messages = transport.receive(url, max_number=count)
-            except Exception:
-                logger.error("receive from %s failed", queue_name,
-                    exc_info=True)
+            except Exception as exc:
                 messages = []
-                self.stopping.wait(1)
+                self.stopping.wait(outage.failed(exc))
+            else:
+                outage.succeeded()
             for _ in range(count - len(messages)):
                 slots.release()
             for message in messages:
@@ -292,15 +371,24 @@ class WorkerProcess:
         transport = sqs.client()
         for url, receipts in released.items():
             logger.info("release %s message(s) of %s", len(receipts), url)
-            transport.change_visibility_batch(url, receipts, 0)
+            # not released, they come back after their visibility timeout
+            self.try_sqs("release (ChangeMessageVisibility)",
+                transport.change_visibility_batch, url, receipts, 0)
 
-    def flush_deletes(self):
-        if not self.to_delete:
+    def flush_deletes(self, force=False):
+        """Delete the messages of the calls settled.
+
+        What SQS did not delete is kept for the next flush: a message that
+        comes back meanwhile is skipped by its row."""
+        outage = self.outage("delete (DeleteMessageBatch)")
+        if not self.to_delete or not (force or outage.due()):
             return
         to_delete, self.to_delete = self.to_delete, defaultdict(list)
         transport = sqs.client()
         for url, receipts in to_delete.items():
-            transport.delete_batch(url, receipts)
+            if not self.try_sqs(outage.what,
+                    transport.delete_batch, url, receipts):
+                self.to_delete[url].extend(receipts)
 
     def delete(self, received):
         self.to_delete[received.url].append(received.receipt)
@@ -308,19 +396,22 @@ class WorkerProcess:
             self.flush_deletes()
 
     def dead_letter(self, received, reason, call=None):
-        """Move a message the worker refuses to the dead-letter queue.
+        """Copy a message the worker refuses to the dead-letter queue.
 
-        With call, only that call of a packed message goes there, alone."""
+        With call, only that call of a packed message goes there, alone.
+        Return whether it went: if not, the message stays where it is, to
+        be judged again when it comes back."""
         transport = sqs.client()
-        url = transport.dead_letter_url(received.queue_name)
         body = received.message.get('Body') or ' '
         if call is not None:
             body = encode_call(call)
         attributes = {
             'refused': {'DataType': 'String', 'StringValue': reason[:1000]}}
-        transport.send(url, body, attributes=attributes)
-        if call is None:
-            transport.delete_batch(received.url, [received.receipt])
+
+        def send():
+            url = transport.dead_letter_url(received.queue_name)
+            transport.send(url, body, attributes=attributes)
+        return self.try_sqs("dead letter (SendMessage)", send)
 
     def handle(self, received):
         message = received.message
@@ -337,7 +428,9 @@ class WorkerProcess:
         except MessageError as exc:
             logger.error("message %s refused (task %s): %s",
                 message_id, exc.task_id, exc.reason)
-            self.dead_letter(received, exc.reason)
+            # no row to write: the dead-letter queue is its only record
+            if self.dead_letter(received, exc.reason):
+                self.delete(received)
             return
         if not packed:
             call, = calls
@@ -346,41 +439,57 @@ class WorkerProcess:
             if self.attempt_call(call, received, packed=False):
                 self.delete(received)
             return
+        settled = True
         for call in calls:
             if self.stopping.is_set():
                 # the calls that ran are skipped when it comes back
                 logger.info("message %s released part done", message_id)
-                self.heartbeat.release(received)
-                sqs.client().change_visibility_batch(
-                    received.url, [received.receipt], 0)
+                self.release_now(received)
                 return
             if call.eta is not None and call.eta > dt.datetime.now():
-                self.send_alone(call, received, 0)
+                settled &= self.send_alone(call, received, 0)
                 continue
-            self.attempt_call(call, received, packed=True)
-        self.delete(received)
+            settled &= self.attempt_call(call, received, packed=True)
+        if settled:
+            self.delete(received)
+
+    def release_now(self, received):
+        "Make a message held visible again at once."
+        self.heartbeat.release(received)
+        self.try_sqs("release (ChangeMessageVisibility)",
+            sqs.client().change_visibility_batch,
+            received.url, [received.receipt], 0)
 
     def attempt_call(self, call, received, packed):
         """Run one call of the message and record how it ended.
 
-        Return whether the message may be deleted. A call of a packed
-        message that must come back, or be parked, goes alone in a message
-        of its own, so the others of its message are not held back."""
+        Return whether the call is settled: its message may be deleted as
+        far as it goes. A call of a packed message that must come back, or
+        be parked, goes alone in a message of its own, so the others of its
+        message are not held back."""
         name = task_name(call)
         attempt = Attempt(call, received)
         logger.info("%s starts", name)
         try:
             with processing(name):
                 reply = self.run_call(attempt)
+        except database_errors() as exc:
+            # the database's trouble, not the call's: no attempt is counted
+            # and nothing is decided; the call comes back later
+            logger.warning("%s released: the database failed for %i ms, "
+                "the call is tried again later: %s", name,
+                attempt.duration(), exc)
+            return self.release(call, received, packed)
         except MessageError as exc:
             logger.error("%s refused: %s", name, exc.reason)
             if attempt.number is not None or exc.reason != NO_ROW:
-                self.record(call, 'failed', attempt, error=exc.reason)
-            self.dead_letter(received, exc.reason, call if packed else None)
+                if not self.record(call, 'failed', attempt, error=exc.reason):
+                    return self.release(call, received, packed)
             if call.reply and exc.reason != NO_ROW:
                 self.reply(call, received, encode_reply(call.task, error={
                             'type': 'MessageError', 'message': exc.reason}))
-            return False
+            return self.dead_letter(
+                received, exc.reason, call if packed else None)
         except (UserError, UserWarning) as exc:
             logger.info("%s failed after %i ms: %s", name, attempt.duration(),
                 exc, exc_info=logger.isEnabledFor(logging.DEBUG))
@@ -406,39 +515,71 @@ class WorkerProcess:
     def fail(self, call, received, attempt, exc, final, packed):
         """Record a failed attempt; retry later, or fail the task for good.
 
-        Return whether the message may be deleted."""
+        Return whether the call is settled. A call fails for good only once
+        its row says so: the reply and the dead letter come after."""
         payload = error_payload(exc)
         if final:
-            self.record(call, 'failed', attempt, error=payload['message'],
-                traceback=payload.get('traceback'))
+            if not self.record(call, 'failed', attempt,
+                    error=payload['message'],
+                    traceback=payload.get('traceback')):
+                return self.release(call, received, packed)
             if call.reply:
                 self.reply(
                     call, received, encode_reply(call.task, error=payload))
             if isinstance(exc, (UserError, UserWarning)):
                 return True
             # parked for an administrator to look at, and requeue
-            self.dead_letter(
+            return self.dead_letter(
                 received, payload['message'], call if packed else None)
-            return False
         number = attempt.number or attempt.receive_count
         backoff = attempt.options.retry_backoff * 2 ** (number - 1)
         delay = int(min(backoff, MAX_VISIBILITY))
+        # if the row cannot say so, the message still comes back
         self.record(call, 'queued', attempt, error=payload['message'],
-            traceback=payload.get('traceback'))
+            traceback=payload.get('traceback'),
+            eta=dt.datetime.now() + dt.timedelta(seconds=delay))
         logger.info("%s retries in %i s", task_name(call), delay)
         if packed:
-            self.send_alone(call, received, delay)
-            return True
+            return self.send_alone(call, received, delay)
         self.heartbeat.release(received)
-        sqs.client().change_visibility_batch(
+        self.try_sqs("retry (ChangeMessageVisibility)",
+            sqs.client().change_visibility_batch,
             received.url, [received.receipt], delay)
         return False
 
-    def send_alone(self, call, received, delay):
+    def release(self, call, received, packed):
+        """Give a call the database kept from running back to its queue.
+
+        It comes back after a delay that doubles with each release. A fresh
+        copy is sent, so that neither SQS's receive count, which the
+        redrive policy and the attempts go by, nor the row count it.
+        Return whether the call is settled."""
+        attributes = received.message.get('MessageAttributes') or {}
+        try:
+            released = int(attributes.get(
+                    RELEASED_ATTRIBUTE, {}).get('StringValue', 0))
+        except ValueError:
+            released = 0
+        # unsigned, so bounded before it is used
+        released = min(max(released, 0), RELEASE_DOUBLINGS)
+        delay = min(RELEASE_FIRST * 2 ** released, RELEASE_LONGEST)
+        if packed:
+            return self.send_alone(call, received, delay, released + 1)
+        self.heartbeat.release(received)
+        entry = message_entry('0', received.message['Body'], delay)
+        entry.setdefault('MessageAttributes', {})[RELEASED_ATTRIBUTE] = {
+            'DataType': 'Number', 'StringValue': str(released + 1)}
+        if self.try_sqs("release (SendMessageBatch)",
+                sqs.client().send_batch, received.url, [entry]):
+            return True
+        # not copied: the message itself comes back after its timeout
+        return False
+
+    def send_alone(self, call, received, delay, released=0):
         """Send a call of a packed message again, alone, in delay seconds.
 
         Beyond what SQS delays, the call carries its due time and the
-        worker that receives it holds it back."""
+        worker that receives it holds it back. Return whether it went."""
         eta = call.eta
         if delay:
             eta = dt.datetime.now() + dt.timedelta(seconds=delay)
@@ -448,21 +589,40 @@ class WorkerProcess:
             eta = None
         body = encode_call(call._replace(eta=eta))
         delay = min(math.ceil(delay), sqs.MAX_DELAY)
-        sqs.client().send_batch(
-            received.url, [message_entry('0', body, delay)])
+        entry = message_entry('0', body, delay)
+        if released:
+            entry.setdefault('MessageAttributes', {})[RELEASED_ATTRIBUTE] = {
+                'DataType': 'Number', 'StringValue': str(released)}
+        return self.try_sqs("send a call alone (SendMessageBatch)",
+            sqs.client().send_batch, received.url, [entry])
 
-    def record(self, call, state, attempt, error=None, traceback=None):
-        "Write the outcome of an attempt on the task row, as root."
-        try:
-            with Transaction().start(call.database, 0):
-                Task = Pool(call.database).get('async_sqs.task')
-                Task.finish(call.task, state, started_at=attempt.started_at,
-                    error=error, traceback=traceback,
-                    attempts=attempt.number or attempt.receive_count,
-                    worker=self.host)
-        except Exception:
-            logger.error("%s: the task row could not be updated",
-                task_name(call), exc_info=True)
+    def record(self, call, state, attempt, error=None, traceback=None,
+            eta=None):
+        """Write the outcome of an attempt on the task row, as root.
+
+        Return whether it is written and committed."""
+        retry = config.getint('database', 'retry')
+        for count in range(retry + 1):
+            try:
+                with Transaction().start(call.database, 0):
+                    Task = Pool(call.database).get('async_sqs.task')
+                    Task.finish(call.task, state,
+                        started_at=attempt.started_at,
+                        error=error, traceback=traceback,
+                        attempts=attempt.number or attempt.receive_count,
+                        worker=self.host, eta=eta)
+                return True
+            except database_errors():
+                if count < retry:
+                    time.sleep(0.02 * (count + 1))
+                    continue
+                logger.warning("%s: the task row could not be marked %s",
+                    task_name(call), state, exc_info=True)
+            except Exception:
+                logger.error("%s: the task row could not be marked %s",
+                    task_name(call), state, exc_info=True)
+                break
+        return False
 
     def postpone(self, call, received):
         "Hold back a call not yet due; tell whether it was."
@@ -473,12 +633,14 @@ class WorkerProcess:
         self.heartbeat.release(received)
         if received.receive_count >= settings.max_receive_count() - 1:
             # a fresh copy, lest the redrive policy count this one dead
-            transport.send_batch(received.url, [message_entry(
-                        '0', received.message['Body'],
-                        min(int(remaining), sqs.MAX_DELAY))])
-            self.delete(received)
+            if self.try_sqs("postpone (SendMessageBatch)",
+                    transport.send_batch, received.url, [message_entry(
+                            '0', received.message['Body'],
+                            min(int(remaining), sqs.MAX_DELAY))]):
+                self.delete(received)
         else:
-            transport.change_visibility_batch(
+            self.try_sqs("postpone (ChangeMessageVisibility)",
+                transport.change_visibility_batch,
                 received.url, [received.receipt],
                 int(min(remaining, MAX_VISIBILITY)))
         logger.info("%s postponed, due in %i s", task_name(call), remaining)
@@ -544,13 +706,19 @@ class WorkerProcess:
         "Send again the calls committed but left unsent."
         grace = settings.relay_grace()
         self.next_relay = time.monotonic() + max(1, grace / 2)
-        before = dt.datetime.now() - dt.timedelta(seconds=grace)
+        now = dt.datetime.now()
+        before = now - dt.timedelta(seconds=grace)
+        stale_before = now - dt.timedelta(seconds=settings.stale_after())
         for database_name in self.database_names:
+            outage = self.outage("relay on %s" % database_name)
+            if not outage.due():
+                continue
             try:
-                relay_pending(database_name, before)
-            except Exception:
-                logger.error("relay on %s failed", database_name,
-                    exc_info=True)
+                relay_pending(database_name, before, stale_before)
+            except Exception as exc:
+                outage.failed(exc)
+            else:
+                outage.succeeded()
 
     def check_user(self, pool, call):
         "Refuse a call recorded for a user that is missing or inactive."
@@ -633,39 +801,68 @@ class WorkerProcess:
         return args, kwargs, target
 
     def reply(self, call, received, body):
-        "Send the reply body to the call's reply queue."
-        transport = sqs.client()
+        "Send the reply body to the call's reply queue, now or later."
         name = sqs.reply_queue_name(call.task)
         # the reply queue lives beside the task queue: no GetQueueUrl
         url = received.url.rsplit('/', 1)[0] + '/' + name
-        attributes = signature_attributes(body)
-        try:
-            try:
-                transport.send(url, body, attributes=attributes)
-            except Exception as exc:
-                if not sqs.is_missing_queue(exc):
-                    raise
-                # the waiter has not created it yet: either side may
-                url = transport.create(name, reply_queue_attributes())
-                transport.send(url, body, attributes=attributes)
-        except Exception:
-            logger.error("%s: the reply could not be sent", task_name(call),
-                exc_info=True)
+        self.unsent_replies.append((task_name(call), name, url, body))
+        self.send_replies()
+
+    def send_replies(self, force=False):
+        """Send the replies not sent yet; keep those SQS did not take.
+
+        The waiter's timeout bounds how long a late reply is of use; the
+        reply queue's retention bounds how long it is kept."""
+        outage = self.outage("reply (SendMessage)")
+        if not self.unsent_replies or not (force or outage.due()):
+            return
+        replies, self.unsent_replies = self.unsent_replies, []
+        for index, reply in enumerate(replies):
+            if not self.try_sqs(outage.what, send_reply, *reply[1:]):
+                self.unsent_replies.extend(replies[index:])
+                if force:
+                    for name, *_ in self.unsent_replies:
+                        logger.error("%s: the reply could not be sent", name)
+                return
 
 
-def relay_pending(database_name, before):
-    "Send the rows of the database left pending since before."
+def send_reply(name, url, body):
+    "Send a reply body to the reply queue name at url, created if missing."
+    transport = sqs.client()
+    attributes = signature_attributes(body)
+    try:
+        transport.send(url, body, attributes=attributes)
+    except Exception as exc:
+        if not sqs.is_missing_queue(exc):
+            raise
+        # the waiter has not created it yet: either side may
+        url = transport.create(name, reply_queue_attributes())
+        transport.send(url, body, attributes=attributes)
+
+
+def relay_pending(database_name, before, stale_before=None):
+    """Send the rows of the database left pending since before, and those
+    left queued or running since stale_before.
+
+    A pending row's message was never sent; a stale row's message may have
+    been lost by any path. Sending one twice is harmless: the claim lets
+    one delivery run the call."""
     transport = sqs.client()
     with Transaction().start(database_name, 0, readonly=True):
         Task = Pool(database_name).get('async_sqs.task')
         rows = Task.pending_since(before)
-    if not rows:
+        stale = Task.stale_since(stale_before) if stale_before else []
+    if not rows and not stale:
         return
-    logger.warning("relay %s call(s) of %s left unsent", len(rows),
-        database_name)
+    if rows:
+        logger.warning("relay %s call(s) of %s left unsent", len(rows),
+            database_name)
+    if stale:
+        logger.warning("relay %s call(s) of %s left queued or running "
+            "since %s", len(stale), database_name, stale_before)
     by_queue = defaultdict(list)
     now = dt.datetime.now()
-    for uuid, queue_name, body, eta in rows:
+    for uuid, queue_name, body, eta in rows + stale:
         delay = 0
         if eta is not None and eta > now:
             delay = min(int((eta - now).total_seconds()) + 1, sqs.MAX_DELAY)
@@ -678,7 +875,7 @@ def relay_pending(database_name, before):
         for batch in sqs.batches(entries):
             transport.send_batch(url, batch)
             sent.append([items[int(e['Id'])][0] for e in batch])
-    mark_queued(database_name, sent)
+    mark_queued(database_name, sent, touch=bool(stale))
 
 
 def limit_malloc_arenas():
