@@ -187,6 +187,24 @@ class Task(ModelSQL, ModelView):
         return cursor.fetchall()
 
 
+def task_queues(database_name):
+    """Return the names of the task queues of the database: the configured
+    queue, then every queue a decorated method names.
+
+    The pool of the database must be initialised."""
+    from trytond.pool import Pool
+
+    from . import settings
+    names = [settings.queue()]
+    pool = Pool(database_name)
+    for type_ in ('model', 'wizard', 'report'):
+        for _, cls in pool.iterobject(type=type_):
+            for options in getattr(cls, '__async_tasks__', {}).values():
+                if options.queue and options.queue not in names:
+                    names.append(options.queue)
+    return names
+
+
 def _for_update():
     from sql import For
     return For('UPDATE')
