@@ -96,6 +96,15 @@ class Item(ModelSQL):
         cls.create([{'name': path, 'value': attempts}])
         return attempts
 
+    @async_task(ignore_result=False)
+    @classmethod
+    def fail_until(cls, flag, name):
+        "Fail until an item named flag exists, then create an item named name."
+        if not cls.search([('name', '=', flag)]):
+            raise RuntimeError("no %s yet" % flag)
+        cls.create([{'name': name}])
+        return name
+
     @async_task(ignore_result=False, retries=3, retry_backoff=1)
     @classmethod
     def fail_user_with_retries(cls, text):
