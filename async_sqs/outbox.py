@@ -15,7 +15,7 @@ from collections import defaultdict
 from trytond.pool import Pool
 from trytond.transaction import Transaction
 
-from . import sqs
+from . import settings, sqs
 from .message import MAX_PACKED_SIZE, pack_bodies, signature_attributes
 
 logger = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class Outbox:
             self._after_readonly(trans)
         else:
             entries, self.entries = self.entries, []
-            send(trans.database.name, entries)
+            dispatch(trans.database.name, entries)
 
     def tpc_abort(self, trans):
         # trytond ends every read-only transaction with a rollback, even one
@@ -107,7 +107,16 @@ def write_and_send(database_name, user, entries):
         for _, handle, *_ in entries:
             handle._set_state('dropped')
         raise
-    send(database_name, entries)
+    dispatch(database_name, entries)
+
+
+def dispatch(database_name, entries):
+    "Send the calls of committed rows, or run them here in eager mode."
+    if settings.eager():
+        from . import eager
+        eager.run(database_name, entries)
+    else:
+        send(database_name, entries)
 
 
 def send(database_name, entries):

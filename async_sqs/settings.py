@@ -113,3 +113,9 @@ def previous_secrets():
 def insecure():
     "True to run without a secret: messages unsigned and unchecked."
     return config.getboolean(SECTION, 'insecure', default=False)
+
+
+def eager():
+    """True to run every deferred call in the caller's process once its
+    transaction commits, without SQS (for tests and small sites)."""
+    return config.getboolean(SECTION, 'eager', default=False)
