@@ -139,6 +139,23 @@ class Item(ModelSQL):
 
     @async_task(ignore_result=False)
     @classmethod
+    def fail_until(cls, path, name=None):
+        """Fail as long as no file is at path; then create an item of name
+        and return it."""
+        if not os.path.exists(path):
+            raise RuntimeError("no file at %s yet" % path)
+        if name is not None:
+            cls.create([{'name': name}])
+        return name
+
+    @async_task(ignore_result=False, calls_per_message=10)
+    @classmethod
+    def packed_until(cls, path, name):
+        "fail_until, for calls that share a message."
+        return cls.fail_until(path, name)
+
+    @async_task(ignore_result=False)
+    @classmethod
     def typed(cls, values):
         "Return the values and the name of each one's type."
         return [values, [type(v).__name__ for v in values]]
