@@ -305,6 +305,10 @@ def requeue_dead(database_name, queue=None, limit=None, out=sys.stdout):
                 for uuid in to_send:
                     by_queue.setdefault(rows[uuid][1], []).append(
                         rows[uuid][2])
+                for uuid in to_send:
+                    if decode_call(rows[uuid][2]).reply:
+                        # a waiter must read the outcome of the new attempt
+                        transport.drain(sqs.reply_queue_name(uuid))
                 for queue_name, bodies in by_queue.items():
                     transport.send_batch(transport.url(queue_name), [
                             message_entry(str(i), body)

@@ -131,3 +131,13 @@ def run(database_name, entries):
         return
     with _no_transaction():
         EagerRunner(database_name).run_entries(entries)
+
+
+def run_rows(database_name, rows):
+    "Run the calls of committed rows, (uuid, queue name, body): a retry."
+    from .result import TaskHandle
+    entries = [({'uuid': uuid, 'queue': queue, 'body': body},
+            TaskHandle(uuid, database=database_name, ignore_result=True),
+            0, 1)
+        for uuid, queue, body in rows]
+    run(database_name, entries)

@@ -77,6 +77,12 @@ def reply_ttl():
     return _getint('reply_ttl', 24 * 60 * 60, 60, 1209600)
 
 
+def clean_days():
+    """Days a finished task row is kept before the cron deletes it
+    (0 keeps them forever, up to 36500)."""
+    return _getint('clean_days', 30, 0, 36500)
+
+
 def max_attempts():
     "Attempts of one SQS call before boto3 gives up (its retry config)."
     return _getint('max_attempts', 5, 1, 20)

@@ -16,6 +16,7 @@ from trytond.transaction import Transaction
 
 from trytond.modules.async_sqs import TaskFailed, TaskHandle, sqs
 from trytond.modules.async_sqs.message import signature_attributes
+from trytond.modules.async_sqs.result import reply_queue_attributes
 from trytond.modules.async_sqs.testing import worker
 
 from conftest import BIN, ENDPOINT, REGION, SECRET, items, wait_until
@@ -159,7 +160,7 @@ def test_requeue_dead(database, prefix):
     with worker(database):
         with Transaction().start(database, USER):
             Item = Pool().get('async_sqs.test.item')
-            failing = Item.fail_until.defer(flag, name)
+            failing = Item.fail_until_item.defer(flag, name)
             kept = Item.echo.defer('kept')
         with pytest.raises(TaskFailed, match='no %s yet' % flag):
             failing.wait(60)
@@ -228,7 +229,7 @@ def test_requeue_dead_limit_and_obsolete(database, prefix):
     flag = 'flag-%s' % uuid.uuid4()
     with Transaction().start(database, USER):
         Item = Pool().get('async_sqs.test.item')
-        handles = [Item.fail_until.defer(flag, 'limit-%s' % i)
+        handles = [Item.fail_until_item.defer(flag, 'limit-%s' % i)
             for i in range(3)]
         done = Item.echo.defer('done')
     dead_url = transport.url(default + '-dead')
@@ -279,3 +280,50 @@ def test_retry_cancel_unknown(database, prefix):
         assert result.stderr == (
             'trytond-async-admin: unknown task(s) in %s: %s\n'
             % (database, unknown))
+
+
+def test_retry_cancel_sweep(database, prefix, start_worker):
+    "retry, cancel and sweep-replies from the shell"
+    name, flag = 'retry-%s' % uuid.uuid4(), 'flag-%s' % uuid.uuid4()
+    start_worker()
+    with Transaction().start(database, USER):
+        Item = Pool().get('async_sqs.test.item')
+        failing = Item.fail_until_item.defer(flag, name)
+        later = Item.create_named.defer(name, _delay_=600)
+    with pytest.raises(TaskFailed):
+        failing.wait(60)
+    with Transaction().start(database, USER):
+        Pool().get('async_sqs.test.item').create([{'name': flag}])
+    result = admin(database, prefix, 'retry', failing.task_id)
+    assert (result.returncode, result.stdout) == (0, "1 task(s) retried\n"), (
+        result.stderr)
+    assert TaskHandle(failing.task_id).wait(60) == name
+    wait_until(lambda: row(database, failing.task_id)['state'] == 'done')
+    result = admin(database, prefix, 'cancel', later.task_id)
+    assert (result.returncode, result.stdout) == (
+        0, "1 task(s) cancelled\n"), result.stderr
+    assert row(database, later.task_id)['state'] == 'cancelled'
+    # the wrong state: refused, with one line
+    for command, task_id in [('cancel', later.task_id),
+            ('retry', failing.task_id), ('cancel', failing.task_id)]:
+        result = admin(database, prefix, command, task_id)
+        assert result.returncode == 1, result
+        assert len(result.stderr.splitlines()) == 1, result.stderr
+        assert result.stderr.startswith('trytond-async-admin: ')
+        assert task_id in result.stderr
+        assert 'Traceback' not in result.stderr
+    assert items(database, name) == [(name, None)]
+
+    transport = sqs.client()
+    for _ in range(2):
+        transport.create(sqs.reply_queue_name(uuid.uuid4().hex),
+            reply_queue_attributes())
+    result = admin(database, prefix, 'sweep-replies', '--older-than', '3600')
+    assert (result.returncode, result.stdout) == (
+        0, "0 reply queue(s) deleted\n"), result.stderr
+    result = admin(database, prefix, 'sweep-replies', '--older-than', '0')
+    assert (result.returncode, result.stdout) == (
+        0, "2 reply queue(s) deleted\n"), result.stderr
+    listed = transport.sqs.list_queues(
+        QueueNamePrefix=sqs.reply_queue_prefix())
+    assert listed.get('QueueUrls', []) == []

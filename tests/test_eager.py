@@ -167,3 +167,20 @@ def test_local_sqs(prefix):
     with pytest.raises(OSError):
         import urllib.request
         urllib.request.urlopen(url + '/moto-api/', timeout=1)
+
+
+def test_eager_retry(database, prefix, no_sqs):
+    "A task retried in eager mode runs again here"
+    name, flag = 'eager-retry-%s' % uuid.uuid4(), 'flag-%s' % uuid.uuid4()
+    with eager():
+        with Transaction().start(database, USER):
+            Item = Pool().get('async_sqs.test.item')
+            handle = Item.fail_until_item.defer(flag, name)
+        assert row(database, handle.task_id)['state'] == 'failed'
+        with Transaction().start(database, USER):
+            Item = Pool().get('async_sqs.test.item')
+            Item.create([{'name': flag}])
+            Task = Pool().get('async_sqs.task')
+            Task.retry(Task.search([('uuid', '=', handle.task_id)]))
+    assert row(database, handle.task_id)['state'] == 'done'
+    assert items(database, name) == [(name, None)]
