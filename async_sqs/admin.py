@@ -11,7 +11,6 @@ import json
 import logging
 import sys
 
-from sql import Literal
 from sql.aggregate import Count
 
 from trytond.pool import Pool
@@ -102,7 +101,7 @@ def task_status(database_name):
         Task = Pool().get('async_sqs.task')
         table = Task.__table__()
         cursor = Transaction().connection.cursor()
-        cursor.execute(*table.select(table.state, Count(Literal('*')),
+        cursor.execute(*table.select(table.state, Count(table.id),
                 group_by=[table.state]))
         counts = {state: 0 for state, _ in STATES}
         counts.update((state, int(count)) for state, count in cursor)
