@@ -23,7 +23,7 @@ def _getint(option, default, low, high):
 
 
 def endpoint_url():
-    "URL of the SQS endpoint (boto3's default endpoint of the region if unset)."
+    "URL of the SQS endpoint (boto3's endpoint of the region if unset)."
     return _get('endpoint_url')
 
 
