@@ -55,6 +55,8 @@ setup(
         'console_scripts': [
             'trytond-async-worker = '
             'trytond.modules.async_sqs.cli:worker_main',
+            'trytond-async-admin = '
+            'trytond.modules.async_sqs.cli:admin_main',
             ],
         },
     )

@@ -3,10 +3,11 @@
 "Run Tryton methods later, on workers, through Amazon SQS."
 from .decorator import async_task
 from .exceptions import (
-    AsyncTaskError, MessageError, ResultIgnored, ResultTimeout, TaskFailed,
-    TaskNotSent)
+    AsyncTaskError, MessageError, ResultIgnored, ResultTimeout, TaskCancelled,
+    TaskFailed, TaskNotSent)
 from .result import TaskHandle
 
 __all__ = [
     'async_task', 'TaskHandle', 'AsyncTaskError', 'MessageError',
-    'ResultIgnored', 'ResultTimeout', 'TaskFailed', 'TaskNotSent']
+    'ResultIgnored', 'ResultTimeout', 'TaskCancelled', 'TaskFailed',
+    'TaskNotSent']

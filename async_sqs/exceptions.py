@@ -80,5 +80,17 @@ class TaskFailed(AsyncTaskError):
         self.traceback = traceback
 
 
+class TaskCancelled(AsyncTaskError):
+    "The task was cancelled before it ran."
+
+    def __init__(self, task_id):
+        super().__init__("task %s was cancelled" % task_id)
+        self.task_id = task_id
+
+
+class TaskStateError(UserError):
+    "A retry or cancel of a task in a state that does not allow it."
+
+
 class RecordMissing(UserError):
     "A record that a deferred call names no longer exists."

@@ -9,13 +9,16 @@ from trytond.exceptions import UserError
 
 from . import settings, sqs
 from .exceptions import (
-    MessageError, ResultIgnored, ResultTimeout, TaskFailed, TaskNotSent)
+    MessageError, ResultIgnored, ResultTimeout, TaskCancelled, TaskFailed,
+    TaskNotSent)
 from .message import decode_reply, verify, walk
 
 logger = logging.getLogger(__name__)
 
 #: Longest long poll SQS allows, in seconds.
 MAX_WAIT_TIME = 20
+#: Error type of the reply that tells a waiter its task was cancelled.
+CANCELLED = 'TaskCancelled'
 
 
 def reply_queue_attributes():
@@ -74,8 +77,8 @@ class TaskHandle:
         """Return the result of the call, waiting up to timeout seconds.
 
         Raise ResultTimeout if it is not in by then (the handle can wait
-        again), the UserError the call raised, or TaskFailed for any other
-        error."""
+        again), the UserError the call raised, TaskCancelled if the task was
+        cancelled before it ran, or TaskFailed for any other error."""
         self._check_waitable()
         if self._reply is None:
             self._reply = self._receive(timeout)
@@ -130,6 +133,8 @@ class TaskHandle:
         error = reply.error
         if error['type'] == 'UserError':
             raise UserError(error['message'], error.get('description') or '')
+        if error['type'] == CANCELLED:
+            raise TaskCancelled(self.task_id)
         raise TaskFailed(self.task_id, error['type'], error['message'],
             error.get('traceback') or '')
 

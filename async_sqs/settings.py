@@ -23,7 +23,7 @@ def _getint(option, default, low, high):
 
 
 def endpoint_url():
-    "URL of the SQS endpoint (boto3's default endpoint of the region if unset)."
+    "URL of the SQS endpoint (boto3's endpoint of the region if unset)."
     return _get('endpoint_url')
 
 
@@ -77,6 +77,12 @@ def reply_ttl():
     return _getint('reply_ttl', 24 * 60 * 60, 60, 1209600)
 
 
+def clean_days():
+    """Days a finished task row is kept before the cron deletes it
+    (0 keeps them forever, up to 36500)."""
+    return _getint('clean_days', 30, 0, 36500)
+
+
 def max_attempts():
     "Attempts of one SQS call before boto3 gives up (its retry config)."
     return _getint('max_attempts', 5, 1, 20)
@@ -120,3 +126,9 @@ def stale_after():
     relay sends its call again (at least twice the visibility timeout)."""
     return _getint('stale_after', 6 * 60 * 60,
         2 * visibility_timeout(), 14 * 24 * 60 * 60)
+
+
+def eager():
+    """True to run every deferred call in the caller's process once its
+    transaction commits, without SQS (for tests and small sites)."""
+    return config.getboolean(SECTION, 'eager', default=False)

@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import threading
+import time
 
 import botocore.session
 from botocore.config import Config
@@ -27,8 +28,11 @@ DEAD_LETTER_SUFFIX = '-dead'
 MAX_DELAY = 900
 #: Largest message body SQS accepts, in bytes; a whole batch call too.
 MAX_MESSAGE_SIZE = 1024 * 1024
+#: Most queue URLs one ListQueues call returns.
+MAX_LIST_RESULTS = 1000
 
 _NOT_IN_ALPHABET = re.compile(r'[^A-Za-z0-9_-]')
+_TASK_ID = re.compile(r'^[0-9a-f]{32}$')
 _MISSING_QUEUE_CODES = {
     'AWS.SimpleQueueService.NonExistentQueue', 'QueueDoesNotExist'}
 
@@ -83,6 +87,49 @@ def task_queue_name(database, queue=None):
 def reply_queue_name(task_id):
     "Return the name of the reply queue of the task."
     return queue_name(settings.queue_prefix(), 'reply', task_id)
+
+
+def reply_queue_prefix():
+    "Return the start of the name of every reply queue."
+    return queue_name(settings.queue_prefix(), 'reply') + '-'
+
+
+def is_reply_queue(name):
+    "Tell whether the queue name is the name of a reply queue."
+    prefix = reply_queue_prefix()
+    # a database named 'reply' has task queues that start the same way
+    return (name.startswith(prefix)
+        and _TASK_ID.match(name[len(prefix):]) is not None)
+
+
+def sweep_reply_queues(older_than=None):
+    """Delete the reply queues of the prefix created more than older_than
+    seconds ago (default reply_ttl), read or not; return how many.
+
+    A waiter deletes the reply queue it read; the queues of the calls whose
+    result nobody waited for, or stopped waiting for, stay until swept. A
+    queue deleted meanwhile by its waiter is not an error."""
+    if older_than is None:
+        older_than = settings.reply_ttl()
+    if older_than < 0:
+        raise ValueError(
+            "older_than must be 0 seconds or more, not %s" % older_than)
+    transport = client()
+    before = time.time() - older_than
+    deleted = 0
+    for url in transport.list_queues(reply_queue_prefix()):
+        name = url.rsplit('/', 1)[-1]
+        if not is_reply_queue(name):
+            continue
+        created = transport.created_at(url)
+        if created is None or created > before:
+            continue
+        if transport.delete_queue(name, url=url):
+            deleted += 1
+    if deleted:
+        logger.info("swept %s reply queue(s) older than %s s",
+            deleted, older_than)
+    return deleted
 
 
 def is_missing_queue(exc):
@@ -267,9 +314,10 @@ class Transport:
                 logger.warning("visibility change failed on %s: %s", url,
                     failure.get('Message') or failure.get('Code'))
 
-    def delete_queue(self, name):
-        "Delete the queue if it exists."
-        url = self._urls.pop(name, None)
+    def delete_queue(self, name, url=None):
+        "Delete the queue if it exists; tell whether it did."
+        cached = self._urls.pop(name, None)
+        url = url or cached
         try:
             if url is None:
                 url = self.sqs.get_queue_url(QueueName=name)['QueueUrl']
@@ -277,4 +325,56 @@ class Transport:
         except ClientError as exc:
             if not is_missing_queue(exc):
                 raise
+            return False
+        return True
 
+    def list_queues(self, prefix, page_size=MAX_LIST_RESULTS):
+        "Yield the URL of every queue whose name starts with prefix."
+        # without MaxResults SQS returns the first 1,000 and no NextToken
+        kwargs = {'QueueNamePrefix': prefix, 'MaxResults': page_size}
+        while True:
+            response = self.sqs.list_queues(**kwargs)
+            yield from response.get('QueueUrls', [])
+            token = response.get('NextToken')
+            if not token:
+                return
+            kwargs['NextToken'] = token
+
+    def created_at(self, url):
+        "Return when the queue was created (epoch seconds), None if gone."
+        try:
+            attributes = self.sqs.get_queue_attributes(
+                QueueUrl=url, AttributeNames=['CreatedTimestamp'],
+                )['Attributes']
+        except ClientError as exc:
+            if not is_missing_queue(exc):
+                raise
+            return None
+        return float(attributes['CreatedTimestamp'])
+
+    def drain(self, name, wait_time=1):
+        """Delete every message of the queue, if it exists; return how many.
+
+        Used where the queue must be emptied and kept: after DeleteQueue,
+        SQS refuses to create a queue of that name for 60 s, and PurgeQueue
+        may still delete, for up to 60 s, messages sent after it."""
+        try:
+            url = self.url(name, create=False)
+        except ClientError as exc:
+            if not is_missing_queue(exc):
+                raise
+            return 0
+        deleted = 0
+        while True:
+            try:
+                # long polling asks every server: a short poll can miss one
+                messages = self.receive(url, wait_time=wait_time)
+            except ClientError as exc:
+                if not is_missing_queue(exc):
+                    raise
+                self.forget(name)
+                return deleted
+            if not messages:
+                return deleted
+            self.delete_batch(url, [m['ReceiptHandle'] for m in messages])
+            deleted += len(messages)

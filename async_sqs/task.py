@@ -7,12 +7,23 @@ multi-row insert just before it commits; the worker claims a row in the
 transaction that runs the call and marks it done in that same transaction,
 so that a call's effects happen once however often SQS delivers it."""
 import datetime as dt
+import logging
 
 from sql import Null
 
-from trytond.model import Index, ModelSQL, ModelView, Unique, fields
+from trytond.i18n import gettext
+from trytond.model import (
+    Index, ModelSQL, ModelStorage, ModelView, Unique, fields)
+from trytond.pool import Pool
+from trytond.pyson import Eval
 from trytond.tools import grouped_slice
 from trytond.transaction import Transaction
+
+from . import settings, sqs
+from .exceptions import MessageError, TaskStateError
+from .message import decode_call, encode_reply
+
+logger = logging.getLogger(__name__)
 
 STATES = [
     ('pending', "Pending"),
@@ -26,8 +37,16 @@ STATES = [
 RUNNABLE = ('pending', 'queued', 'running')
 #: States of a row whose message was sent and whose call has not ended.
 UNSETTLED = ('queued', 'running')
+#: States a task can be retried from.
+RETRYABLE = ('failed', 'cancelled')
+#: States a task can be cancelled from: it has not started.
+CANCELLABLE = ('pending', 'queued')
+#: States of the rows the cron deletes once old enough.
+FINISHED = ('done', 'failed', 'cancelled')
 #: Rows of one INSERT: SQLite takes at most 500 rows in one VALUES.
 INSERT_ROWS = 500
+#: Rows one DELETE of the cleaning removes at most.
+CLEAN_SLICE = 1000
 
 
 class Task(ModelSQL, ModelView):
@@ -38,7 +57,12 @@ class Task(ModelSQL, ModelView):
     queue = fields.Char("Queue", readonly=True)
     model = fields.Char("Model", readonly=True)
     method = fields.Char("Method", readonly=True)
-    records = fields.Char("Records", readonly=True)
+    records = fields.Char("Records", readonly=True,
+        help="The records the call names: the model, then their ids.")
+    record = fields.Function(fields.Reference("Record",
+            selection='get_record_models',
+            help="The first record the call names."),
+        'get_record')
     user = fields.Many2One(
         'res.user', "User", readonly=True, ondelete='SET NULL')
     state = fields.Selection(STATES, "State", required=True, readonly=True)
@@ -68,6 +92,18 @@ class Task(ModelSQL, ModelView):
                     (t.enqueued_at, Index.Range())),
                 })
         cls._order = [('enqueued_at', 'DESC'), ('id', 'DESC')]
+        cls._buttons.update({
+                'retry': {
+                    'invisible': ~Eval('state').in_(list(RETRYABLE)),
+                    'depends': ['state'],
+                    'icon': 'tryton-refresh',
+                    },
+                'cancel': {
+                    'invisible': ~Eval('state').in_(list(CANCELLABLE)),
+                    'depends': ['state'],
+                    'icon': 'tryton-cancel',
+                    },
+                })
 
     @classmethod
     def default_state(cls):
@@ -79,6 +115,166 @@ class Task(ModelSQL, ModelView):
 
     def get_rec_name(self, name):
         return '%s.%s %s' % (self.model, self.method, self.uuid)
+
+    @classmethod
+    def get_record_models(cls):
+        pool = Pool()
+        Model = pool.get('ir.model')
+        return [(None, '')] + Model.get_name_items((ModelStorage, ModelView))
+
+    def get_record(self, name):
+        "Return the first record of records, as model,id."
+        pool = Pool()
+        # records is written as model,id[,id...][,...]
+        model, _, ids = (self.records or '').partition(',')
+        first = ids.split(',', 1)[0]
+        if not first.isdigit():
+            return None
+        try:
+            pool.get(model)
+        except KeyError:
+            return None
+        return '%s,%s' % (model, first)
+
+    @classmethod
+    def _lock_rows(cls, tasks, states, message):
+        """Return (id, uuid, queue, body) of the rows of tasks, locked, or
+        raise TaskStateError if one is not in one of the states."""
+        from trytond import backend
+        cursor = Transaction().connection.cursor()
+        table = cls.__table__()
+        selection = dict(STATES)
+        rows = []
+        for sub_ids in grouped_slice(
+                [t.id for t in tasks], backend.MAX_QUERY_PARAMS):
+            query = table.select(table.id, table.uuid, table.queue,
+                table.body, table.state, table.model, table.method,
+                where=table.id.in_(list(sub_ids)))
+            if backend.name == 'postgresql':
+                # a worker that runs the call holds this lock until it ends
+                query.for_ = _for_update()
+            cursor.execute(*query)
+            for id_, uuid, queue, body, state, model, method in cursor:
+                if state not in states:
+                    raise TaskStateError(gettext(message,
+                            task='%s.%s %s' % (model, method, uuid),
+                            state=selection.get(state, state)))
+                rows.append((id_, uuid, queue, body))
+        return rows
+
+    @classmethod
+    @ModelView.button
+    def retry(cls, tasks):
+        """Run the failed or cancelled tasks again, each as a new call.
+
+        The row is pending until the stored signed message has been sent
+        again, alone even if the call was packed, after the transaction
+        commits; then it is queued. Its error stays until the next attempt
+        ends. Its attempts count from zero again: the retried call has its
+        whole retry budget, as a fresh call. Its enqueued_at becomes the
+        time of the retry, so that the relay sends it only if the send
+        fails. A reply of the previous attempt left in the reply queue is
+        deleted before the message goes: a waiter that waits after the
+        retry gets the new outcome."""
+        from trytond import backend
+
+        from .outbox import Followup
+        transaction = Transaction()
+        cursor = transaction.connection.cursor()
+        table = cls.__table__()
+        rows = cls._lock_rows(
+            tasks, RETRYABLE, 'async_sqs.msg_task_retry_state')
+        now = dt.datetime.now()
+        followup = Followup.of(transaction)
+        for sub_rows in grouped_slice(rows, backend.MAX_QUERY_PARAMS):
+            sub_rows = list(sub_rows)
+            cursor.execute(*table.update(
+                    [table.state, table.attempts, table.enqueued_at,
+                        table.write_date, table.write_uid],
+                    ['pending', 0, now, now, transaction.user],
+                    where=table.id.in_([r[0] for r in sub_rows])))
+            for _, uuid, queue, body in sub_rows:
+                followup.resend(uuid, queue, body, _wants_reply(body))
+        for _, uuid, _, _ in rows:
+            logger.info("task %s retried", uuid)
+
+    @classmethod
+    @ModelView.button
+    def cancel(cls, tasks):
+        """Cancel the pending or queued tasks: their calls will not run.
+
+        A worker that receives the message of a cancelled task deletes it
+        without running the call. A call that wants a result gets, once the
+        transaction commits, a reply that makes wait() raise TaskCancelled.
+        A running call cannot be stopped: cancelling it is refused."""
+        from trytond import backend
+
+        from .outbox import Followup
+        from .result import CANCELLED
+        transaction = Transaction()
+        cursor = transaction.connection.cursor()
+        table = cls.__table__()
+        rows = cls._lock_rows(
+            tasks, CANCELLABLE, 'async_sqs.msg_task_cancel_state')
+        now = dt.datetime.now()
+        followup = Followup.of(transaction)
+        for sub_rows in grouped_slice(rows, backend.MAX_QUERY_PARAMS):
+            sub_rows = list(sub_rows)
+            cursor.execute(*table.update(
+                    [table.state, table.finished_at, table.write_date,
+                        table.write_uid],
+                    ['cancelled', now, now, transaction.user],
+                    where=table.id.in_([r[0] for r in sub_rows])))
+            for _, uuid, _, body in sub_rows:
+                if _wants_reply(body):
+                    followup.reply(uuid, encode_reply(uuid, error={
+                                'type': CANCELLED,
+                                'message': "task %s was cancelled" % uuid,
+                                }))
+        for _, uuid, _, _ in rows:
+            logger.info("task %s cancelled", uuid)
+
+    @classmethod
+    def clean(cls, days=None):
+        """Delete the rows done, failed or cancelled that finished more than
+        days ago ([async_sqs] clean_days by default; 0 keeps them), then
+        sweep the reply queues older than reply_ttl.
+
+        The rows go in slices of CLEAN_SLICE ids, each selected then
+        deleted by id: no statement runs long or scans the table while it
+        holds its locks, and on PostgreSQL only the deleted rows are locked,
+        so callers inserting rows and workers finishing others never wait
+        for the cleaning. Return the number of rows deleted."""
+        if days is None:
+            days = settings.clean_days()
+        deleted = 0
+        if days:
+            deleted = cls._delete_finished(
+                dt.datetime.now() - dt.timedelta(days=days))
+            if deleted:
+                logger.info("deleted %s finished task(s)", deleted)
+        try:
+            sqs.sweep_reply_queues()
+        except Exception:
+            # the rows deleted stay deleted: the next run sweeps again
+            logger.error("reply queues could not be swept", exc_info=True)
+        return deleted
+
+    @classmethod
+    def _delete_finished(cls, before):
+        cursor = Transaction().connection.cursor()
+        table = cls.__table__()
+        selected = table.select(table.id,
+            where=table.state.in_(list(FINISHED))
+            & (table.finished_at < before),
+            limit=CLEAN_SLICE)
+        deleted = 0
+        while True:
+            cursor.execute(*table.delete(where=table.id.in_(selected)))
+            count = cursor.rowcount
+            deleted += max(count, 0)
+            if count < CLEAN_SLICE:
+                return deleted
 
     @classmethod
     def insert_pending(cls, rows):
@@ -226,6 +422,30 @@ class Task(ModelSQL, ModelView):
                 & ((table.eta == Null) | (table.eta < before)),
                 order_by=[changed.asc], limit=limit))
         return cursor.fetchall()
+
+
+def task_queues(database_name):
+    """Return the names of the task queues of the database: the configured
+    queue, then every queue a decorated method names.
+
+    The pool of the database must be initialised."""
+    names = [settings.queue()]
+    pool = Pool(database_name)
+    for type_ in ('model', 'wizard', 'report'):
+        for _, cls in pool.iterobject(type=type_):
+            for options in getattr(cls, '__async_tasks__', {}).values():
+                if options.queue and options.queue not in names:
+                    names.append(options.queue)
+    return names
+
+
+def _wants_reply(body):
+    "Tell whether the call of a stored body sends a reply."
+    try:
+        return decode_call(body).reply
+    except MessageError:
+        # unreadable: a waiter, if any, should not read an old reply
+        return True
 
 
 def _for_update():

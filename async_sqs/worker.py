@@ -37,6 +37,7 @@ from .message import (
     signature_attributes, verify, walk)
 from .outbox import mark_queued, message_entry
 from .result import reply_queue_attributes
+from .task import task_queues
 
 logger = logging.getLogger(__name__)
 
@@ -255,14 +256,7 @@ class WorkerProcess:
             if self.queue_names:
                 names = list(self.queue_names)
             else:
-                names = [settings.queue()]
-                pool = Pool(database_name)
-                for type_ in ('model', 'wizard', 'report'):
-                    for _, cls in pool.iterobject(type=type_):
-                        for options in getattr(
-                                cls, '__async_tasks__', {}).values():
-                            if options.queue and options.queue not in names:
-                                names.append(options.queue)
+                names = task_queues(database_name)
             for name in names:
                 result.append((database_name, name))
         return result

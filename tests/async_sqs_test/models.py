@@ -96,6 +96,15 @@ class Item(ModelSQL):
         cls.create([{'name': path, 'value': attempts}])
         return attempts
 
+    @async_task(ignore_result=False)
+    @classmethod
+    def fail_until_item(cls, flag, name):
+        "Fail until an item named flag exists, then create an item named name."
+        if not cls.search([('name', '=', flag)]):
+            raise RuntimeError("no %s yet" % flag)
+        cls.create([{'name': name}])
+        return name
+
     @async_task(ignore_result=False, retries=3, retry_backoff=1)
     @classmethod
     def fail_user_with_retries(cls, text):
@@ -136,6 +145,23 @@ class Item(ModelSQL):
                     raise RuntimeError("first attempt of %s fails" % value)
         cls.create([{'name': name, 'value': value}])
         return value
+
+    @async_task(ignore_result=False)
+    @classmethod
+    def fail_until(cls, path, name=None):
+        """Fail as long as no file is at path; then create an item of name
+        and return it."""
+        if not os.path.exists(path):
+            raise RuntimeError("no file at %s yet" % path)
+        if name is not None:
+            cls.create([{'name': name}])
+        return name
+
+    @async_task(ignore_result=False, calls_per_message=10)
+    @classmethod
+    def packed_until(cls, path, name):
+        "fail_until, for calls that share a message."
+        return cls.fail_until(path, name)
 
     @async_task(ignore_result=False)
     @classmethod
