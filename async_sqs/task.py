@@ -240,11 +240,13 @@ class Task(ModelSQL, ModelView):
         days ago ([async_sqs] clean_days by default; 0 keeps them), then
         sweep the reply queues older than reply_ttl.
 
-        The rows go in slices of CLEAN_SLICE ids, each selected then
-        deleted by id: no statement runs long or scans the table while it
-        holds its locks, and on PostgreSQL only the deleted rows are locked,
-        so callers inserting rows and workers finishing others never wait
-        for the cleaning. Return the number of rows deleted."""
+        The rows go in slices: each DELETE removes at most CLEAN_SLICE rows
+        picked by a sub-select, so no one statement runs long, and on
+        PostgreSQL a DELETE locks only the rows it removes, never the table:
+        callers inserting rows and workers finishing others do not wait for
+        the cleaning. The slices share the cron's one transaction, so the
+        rows removed stay locked until it commits; nobody else writes rows
+        that finished so long ago. Return the number of rows deleted."""
         if days is None:
             days = settings.clean_days()
         deleted = 0
