@@ -26,8 +26,7 @@ def worker_parser():
 
 
 def worker_main(argv=None):
-    from trytond import commandline
-    from trytond import config
+    from trytond import commandline, config
 
     parser = worker_parser()
     options = parser.parse_args(argv)
@@ -108,8 +107,7 @@ def admin_parser():
 
 
 def admin_main(argv=None):
-    from trytond import commandline
-    from trytond import config
+    from trytond import commandline, config
 
     parser = admin_parser()
     options = parser.parse_args(argv)

@@ -14,7 +14,6 @@ import re
 from collections import namedtuple
 
 from . import settings
-
 from .exceptions import MessageError, SigningKeyMissing
 from .sqs import MAX_MESSAGE_SIZE
 

@@ -20,8 +20,7 @@ import time
 import traceback
 from collections import defaultdict
 
-from trytond import backend
-from trytond import config
+from trytond import backend, config
 from trytond.exceptions import UserError, UserWarning
 from trytond.i18n import gettext
 from trytond.pool import Pool

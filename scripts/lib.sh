@@ -16,6 +16,12 @@ ASYNC_SQS_TEST_REQUIREMENTS=(
     psycopg2-binary
     # trytond >= 8.0's postgresql backend imports psycopg (3), not psycopg2.
     'psycopg[binary,pool]>=3.2'
+    # The lint and the documentation build (run_lint, build_docs).
+    flake8
+    isort
+    sphinx
+    sphinx-book-theme
+    sphinx-copybutton
 )
 
 PIP_FLAGS=(-q --disable-pip-version-check --no-input)
@@ -298,4 +304,27 @@ EOF
     done
     kill -KILL "${alive[@]}" 2>/dev/null
     return 0
+}
+
+# --- lint and documentation ------------------------------------------------
+# What the lint checks (flake8 and isort read their settings from setup.cfg).
+ASYNC_SQS_LINT_PATHS=(async_sqs tests)
+
+# run_lint SERIES: flake8 and isort's check on ASYNC_SQS_LINT_PATHS with the
+# tools of the venv of SERIES; prints what is wrong and returns non-zero if
+# anything is.
+run_lint() {
+    local bin="$ASYNC_SQS_REPO/.venv/trytond-$1/bin" rc=0
+    (cd "$ASYNC_SQS_REPO" && "$bin/flake8" "${ASYNC_SQS_LINT_PATHS[@]}") || rc=1
+    (cd "$ASYNC_SQS_REPO" && "$bin/isort" --check-only --diff \
+        "${ASYNC_SQS_LINT_PATHS[@]}") || rc=1
+    return "$rc"
+}
+
+# build_docs SERIES OUTDIR: builds doc/ as HTML into OUTDIR with the Sphinx
+# of the venv of SERIES, warnings as errors (all of them reported).
+build_docs() {
+    local bin="$ASYNC_SQS_REPO/.venv/trytond-$1/bin"
+    (cd "$ASYNC_SQS_REPO" && "$bin/sphinx-build" -q -W --keep-going -b html \
+        doc "$2") </dev/null
 }

@@ -7,6 +7,7 @@ SQS; the database is the one of TRYTOND_DATABASE_URI and DB_NAME (a file
 for SQLite, since workers are separate processes); every test gets its own
 queue prefix, so that no test sees another's messages."""
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -48,10 +49,11 @@ def start_moto():
                 raise RuntimeError("moto server did not start, see %s"
                     % log.name)
             time.sleep(0.1)
-    return process, url
+    log.close()
+    return process, url, log.name
 
 
-MOTO, ENDPOINT = start_moto()
+MOTO, ENDPOINT, MOTO_LOG = start_moto()
 # trytond reads TRYTOND_<SECTION>__<OPTION> when its config is first imported
 os.environ.update({
         'TRYTOND_ASYNC_SQS__ENDPOINT_URL': ENDPOINT,
@@ -68,6 +70,10 @@ def pytest_unconfigure(config):
     if MOTO.poll() is None:
         os.killpg(MOTO.pid, signal.SIGTERM)
         MOTO.wait(10)
+    try:
+        os.unlink(MOTO_LOG)
+    except FileNotFoundError:
+        pass
 
 
 @pytest.fixture
@@ -115,6 +121,8 @@ class Worker:
                     fp.write('%s = %s\n' % (key, value.replace('\n', '\n    ')
                             if isinstance(value, str) else value))
         self.log_path = os.path.join(self.directory, 'worker.log')
+        # the log once the worker ended and its directory is removed
+        self.final_output = None
         command = [os.path.join(BIN, 'trytond-async-worker'),
             '-c', self.config_path, '-d', database, '-n', str(processes),
             '-vv']
@@ -126,6 +134,9 @@ class Worker:
             stderr=subprocess.STDOUT, start_new_session=True)
 
     def output(self):
+        "Return the log of the worker, kept once its directory is removed."
+        if self.final_output is not None:
+            return self.final_output
         with open(self.log_path) as fp:
             return fp.read()
 
@@ -171,6 +182,9 @@ class Worker:
             except ProcessLookupError:
                 pass
         self.log.close()
+        if self.final_output is None:
+            self.final_output = self.output()
+            shutil.rmtree(self.directory, ignore_errors=True)
 
 
 @pytest.fixture

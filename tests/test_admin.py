@@ -10,17 +10,15 @@ import tempfile
 import uuid
 
 import pytest
-
-from trytond.pool import Pool
-from trytond.transaction import Transaction
+from conftest import BIN, ENDPOINT, REGION, SECRET, items, wait_until
+from test_reliability import queue_depth, row
 
 from trytond.modules.async_sqs import TaskFailed, TaskHandle, sqs
 from trytond.modules.async_sqs.message import signature_attributes
 from trytond.modules.async_sqs.result import reply_queue_attributes
 from trytond.modules.async_sqs.testing import worker
-
-from conftest import BIN, ENDPOINT, REGION, SECRET, items, wait_until
-from test_reliability import queue_depth, row
+from trytond.pool import Pool
+from trytond.transaction import Transaction
 
 USER = 1
 

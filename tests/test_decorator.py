@@ -8,13 +8,11 @@ from decimal import Decimal
 
 import pytest
 
-from trytond.pool import Pool
-from trytond.transaction import Transaction
-
-from trytond.modules.async_sqs import async_task
-from trytond.modules.async_sqs import sqs
+from trytond.modules.async_sqs import async_task, sqs
 from trytond.modules.async_sqs.message import (
     MessageError, decode_call, dumps, loads)
+from trytond.pool import Pool
+from trytond.transaction import Transaction
 
 USER = 1
 
@@ -37,7 +35,8 @@ def test_metadata_kept(database):
     with Transaction().start(database, USER):
         Item = Pool().get('async_sqs.test.item')
         assert Item.echo.__name__ == 'echo'
-        assert Item.create_named.__doc__ == "Create an item: the effect a test looks for."
+        assert Item.create_named.__doc__ == (
+            "Create an item: the effect a test looks for.")
         assert str(inspect.signature(Item.create_named)) == '(name, value=0)'
         assert str(inspect.signature(Item.echo)) == '(*args, **kwargs)'
         item = Item(1)

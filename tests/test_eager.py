@@ -6,18 +6,16 @@ import socket
 import uuid
 
 import pytest
+from conftest import ENDPOINT, SECRET, items
+from test_reliability import row
 
 from trytond import config
 from trytond.exceptions import UserError
-from trytond.pool import Pool
-from trytond.transaction import Transaction
-
 from trytond.modules.async_sqs import TaskFailed, TaskNotSent, settings, sqs
 from trytond.modules.async_sqs.exceptions import SigningKeyMissing
 from trytond.modules.async_sqs.testing import eager, local_sqs
-
-from conftest import ENDPOINT, SECRET, items
-from test_reliability import row
+from trytond.pool import Pool
+from trytond.transaction import Transaction
 
 USER = 1
 

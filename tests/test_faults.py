@@ -14,15 +14,13 @@ import time
 import uuid
 
 import pytest
-
-from trytond import backend, config
-from trytond.pool import Pool
-from trytond.transaction import Transaction
-
-from trytond.modules.async_sqs import sqs
-
 from conftest import ENDPOINT, items, wait_until
 from test_reliability import USER, queue_depth, row, rows
+
+from trytond import backend, config
+from trytond.modules.async_sqs import sqs
+from trytond.pool import Pool
+from trytond.transaction import Transaction
 
 pytestmark = pytest.mark.usefixtures('database')
 

@@ -1,8 +1,7 @@
 # This file is part of async_sqs.  The COPYRIGHT file at the top level of
 # this repository contains the full copyright notices and license terms.
-from trytond.tests.test_tryton import ModuleTestCase
-
 from trytond.modules.async_sqs.sqs import queue_name, task_queue_name
+from trytond.tests.test_tryton import ModuleTestCase
 
 
 class AsyncSqsTestCase(ModuleTestCase):

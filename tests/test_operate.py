@@ -7,20 +7,18 @@ import tempfile
 import uuid
 
 import pytest
+from conftest import items, wait_until
 
 from trytond import config
 from trytond.exceptions import UserError
 from trytond.model.modelstorage import AccessError
-from trytond.pool import Pool
-from trytond.transaction import Transaction
-
 from trytond.modules.async_sqs import (
     AsyncTaskError, TaskCancelled, TaskFailed, TaskHandle, sqs)
 from trytond.modules.async_sqs.message import decode_calls
 from trytond.modules.async_sqs.result import reply_queue_attributes
 from trytond.modules.async_sqs.task import CLEAN_SLICE, STATES
-
-from conftest import items, wait_until
+from trytond.pool import Pool
+from trytond.transaction import Transaction
 
 USER = 1
 

@@ -6,20 +6,18 @@ import tempfile
 import uuid
 
 import pytest
+from conftest import dead_letters, items, wait_until
+from test_reliability import queue_depth, row
 
 from trytond import config
 from trytond.exceptions import UserError
-from trytond.pool import Pool
-from trytond.transaction import Transaction
-
 from trytond.modules.async_sqs import MessageError, sqs
 from trytond.modules.async_sqs.message import (
     MAX_PACKED_SIZE, decode_call, decode_calls, pack_bodies,
     signature_attributes)
 from trytond.modules.async_sqs.outbox import pack
-
-from conftest import dead_letters, items, wait_until
-from test_reliability import queue_depth, row
+from trytond.pool import Pool
+from trytond.transaction import Transaction
 
 USER = 1
 

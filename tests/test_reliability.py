@@ -14,16 +14,13 @@ import threading
 import uuid
 
 import pytest
+from conftest import ENDPOINT, dead_letters, items, wait_until
 
 from trytond import config
+from trytond.modules.async_sqs import TaskFailed, sqs
+from trytond.modules.async_sqs.message import decode_call, signature_attributes
 from trytond.pool import Pool
 from trytond.transaction import Transaction
-
-from trytond.modules.async_sqs import TaskFailed, sqs
-from trytond.modules.async_sqs.message import (
-    decode_call, signature_attributes)
-
-from conftest import ENDPOINT, dead_letters, items, wait_until
 
 USER = 1
 
@@ -124,7 +121,8 @@ def test_unreachable_at_commit_relayed(database, prefix, start_worker):
     with socket.socket() as sock:
         sock.bind(('127.0.0.1', 0))
         closed_port = sock.getsockname()[1]
-    config.set('async_sqs', 'endpoint_url', 'http://127.0.0.1:%s' % closed_port)
+    config.set(
+        'async_sqs', 'endpoint_url', 'http://127.0.0.1:%s' % closed_port)
     config.set('async_sqs', 'max_attempts', '1')
     try:
         with Transaction().start(database, USER):
@@ -356,7 +354,8 @@ def test_crash_under_load(database, prefix, start_worker):
     os.kill(pids[1], signal.SIGKILL)
     wait_until(lambda: len(items(database, name)) >= 1000, timeout=300)
     task_ids = {h.task_id for h in handles}
-    wait_until(lambda: {r['state'] for r in rows(database, method='create_named')
+    wait_until(lambda: {r['state']
+            for r in rows(database, method='create_named')
             if r['uuid'] in task_ids} == {'done'}, timeout=120)
     values = sorted(v for _, v in items(database, name))
     assert values == list(range(1000))

@@ -6,18 +6,17 @@ import subprocess
 import uuid
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from conftest import SECRET, Worker, dead_letters, items, wait_until
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from trytond import config
-from trytond.pool import Pool
-from trytond.transaction import Transaction
-
 from trytond.modules.async_sqs import ResultTimeout, sqs
 from trytond.modules.async_sqs.exceptions import MessageError
 from trytond.modules.async_sqs.message import (
     decode_call, encode_reply, signature_attributes, verify)
-
-from conftest import SECRET, Worker, dead_letters, items, wait_until
+from trytond.pool import Pool
+from trytond.transaction import Transaction
 
 USER = 1
 
@@ -104,7 +103,8 @@ def test_inactive_user_refused(database, prefix, start_worker):
     "A call recorded for an inactive user is refused; root (0) runs"
     with Transaction().start(database, 0) as transaction:
         User = Pool().get('res.user')
-        user, = User.create([{'name': 'Gone', 'login': 'gone-%s' % uuid.uuid4()}])
+        user, = User.create([{
+                    'name': 'Gone', 'login': 'gone-%s' % uuid.uuid4()}])
         transaction.commit()
     with Transaction().start(database, user.id):
         gone = Pool().get('async_sqs.test.item').echo.defer('gone')

@@ -6,15 +6,13 @@ import uuid
 from decimal import Decimal
 
 import pytest
+from conftest import items, wait_until
 
 from trytond.exceptions import UserError
-from trytond.pool import Pool
-from trytond.transaction import Transaction
-
 from trytond.modules.async_sqs import (
     ResultIgnored, ResultTimeout, TaskFailed, TaskHandle, TaskNotSent)
-
-from conftest import items, wait_until
+from trytond.pool import Pool
+from trytond.transaction import Transaction
 
 USER = 1
 
@@ -239,8 +237,8 @@ def test_sigterm_finishes_calls_in_flight(database, start_worker):
     assert slow.wait(0) == slow_name
     assert items(database, slow_name) == [(slow_name, None)]
     start_worker()
-    found = wait_until(lambda: len(items(database, queued)) >= 20 and
-        items(database, queued))
+    found = wait_until(lambda: len(items(database, queued)) >= 20
+        and items(database, queued))
     assert sorted(v for _, v in found) == list(range(20))
 
 

@@ -7,12 +7,11 @@ from decimal import Decimal
 
 from trytond.exceptions import UserError
 from trytond.model import ModelSQL, fields
+from trytond.modules.async_sqs import async_task
 from trytond.pool import PoolMeta
 from trytond.report import Report
 from trytond.transaction import Transaction
 from trytond.wizard import StateTransition, Wizard
-
-from trytond.modules.async_sqs import async_task
 
 
 class Item(ModelSQL):
