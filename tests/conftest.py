@@ -245,6 +245,7 @@ def wait_until(predicate, timeout=60, interval=0.1, message=None):
 
 
 def pytest_collection_modifyitems(session, config, items):
-    # trytond's ModuleTestCase drops the database when it ends: run it last
-    # rather than build the database again for every test after it
-    items.sort(key=lambda item: item.fspath.basename == 'test_module.py')
+    # trytond's ModuleTestCase and the scenarios drop the database when they
+    # end: run them last rather than build it again for every test after
+    items.sort(key=lambda item: item.fspath.basename in {
+            'test_module.py', 'test_scenario.py'})
