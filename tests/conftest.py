@@ -19,7 +19,15 @@ import uuid
 
 import pytest
 
+import trytond
+
 BIN = os.path.dirname(sys.executable)
+#: Tests that do the same on every trytond series run on the newest series
+#: the test command runs (it says which), to keep the whole suite short.
+newest_series_only = pytest.mark.skipif(
+    os.environ.get('ASYNC_SQS_NEWEST_SERIES', trytond.__series__)
+    != trytond.__series__,
+    reason="the same on every trytond series: run on the newest one")
 REGION = 'us-east-1'
 #: The signing key of the tests: each run its own.
 SECRET = 'test-signing-key-%s' % uuid.uuid4().hex

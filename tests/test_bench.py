@@ -11,6 +11,11 @@ import subprocess
 import sys
 import tempfile
 
+import pytest
+from conftest import newest_series_only
+
+from trytond import backend
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = os.path.join(ROOT, 'bench', 'run.py')
 #: Rows the quick run must print with a positive median.
@@ -36,6 +41,9 @@ def clean_env():
         and k not in {'DB_NAME', 'DB_CACHE', 'TRYTONPASSFILE'}}
 
 
+@newest_series_only
+@pytest.mark.skipif(backend.name != 'sqlite',
+    reason="the benchmark brings its own database")
 def test_bench_quick():
     "Test the quick benchmark prints the async_sqs and raw rows"
     with tempfile.TemporaryDirectory() as results:
