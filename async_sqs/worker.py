@@ -19,6 +19,7 @@ import threading
 import time
 import traceback
 from collections import defaultdict
+from contextlib import nullcontext
 
 from trytond import backend, config
 from trytond.exceptions import UserError, UserWarning
@@ -26,14 +27,14 @@ from trytond.i18n import gettext
 from trytond.pool import Pool
 from trytond.status import processing
 from trytond.tools import grouped_slice
-from trytond.transaction import Transaction, inactive_records
+from trytond.transaction import Transaction, check_access, inactive_records
 
 from . import settings, sqs
 from .backoff import Outage
 from .exceptions import MessageError, RecordMissing
 from .message import (
-    RecordRef, check_signing, decode_calls, encode_call, encode_reply,
-    signature_attributes, verify, walk)
+    CHECK_ACCESS, RecordRef, check_signing, decode_calls, encode_call,
+    encode_reply, signature_attributes, verify, walk)
 from .outbox import mark_queued, message_entry
 from .result import reply_queue_attributes
 from .task import task_queues
@@ -669,7 +670,13 @@ class WorkerProcess:
                             received, attempt.options.visibility_timeout)
                     args, kwargs, target = self.resolve_records(
                         pool, call, cls)
-                    result = getattr(target, call.method)(*args, **kwargs)
+                    # a call deferred from an HTTP route is checked as the
+                    # RPC call of the Tryton client would be
+                    checks = (check_access() if call.context.get(CHECK_ACCESS)
+                        else nullcontext())
+                    with checks:
+                        result = getattr(target, call.method)(
+                            *args, **kwargs)
                     reply = None
                     if call.reply:
                         reply = self.encode_result(call, result)
