@@ -88,6 +88,11 @@ def error_payload(exc):
         }
 
 
+def refusal_payload(exc):
+    "Return the description of a MessageError that a reply carries."
+    return {'type': 'MessageError', 'message': exc.reason}
+
+
 class Attempt:
     "One attempt at a call: its number, options and timing."
 
@@ -476,12 +481,13 @@ class WorkerProcess:
             return self.release(call, received, packed)
         except MessageError as exc:
             logger.error("%s refused: %s", name, exc.reason)
+            payload = refusal_payload(exc)
             if attempt.number is not None or exc.reason != NO_ROW:
-                if not self.record(call, 'failed', attempt, error=exc.reason):
+                if not self.record(call, 'failed', attempt, payload):
                     return self.release(call, received, packed)
             if call.reply and exc.reason != NO_ROW:
-                self.reply(call, received, encode_reply(call.task, error={
-                            'type': 'MessageError', 'message': exc.reason}))
+                self.reply(call, received,
+                    encode_reply(call.task, error=payload))
             return self.dead_letter(
                 received, exc.reason, call if packed else None)
         except (UserError, UserWarning) as exc:
@@ -513,9 +519,7 @@ class WorkerProcess:
         its row says so: the reply and the dead letter come after."""
         payload = error_payload(exc)
         if final:
-            if not self.record(call, 'failed', attempt,
-                    error=payload['message'],
-                    traceback=payload.get('traceback')):
+            if not self.record(call, 'failed', attempt, payload):
                 return self.release(call, received, packed)
             if call.reply:
                 self.reply(
@@ -529,8 +533,7 @@ class WorkerProcess:
         backoff = attempt.options.retry_backoff * 2 ** (number - 1)
         delay = int(min(backoff, MAX_VISIBILITY))
         # if the row cannot say so, the message still comes back
-        self.record(call, 'queued', attempt, error=payload['message'],
-            traceback=payload.get('traceback'),
+        self.record(call, 'queued', attempt, payload,
             eta=dt.datetime.now() + dt.timedelta(seconds=delay))
         logger.info("%s retries in %i s", task_name(call), delay)
         if packed:
@@ -590,11 +593,12 @@ class WorkerProcess:
         return self.try_sqs("send a call alone (SendMessageBatch)",
             sqs.client().send_batch, received.url, [entry])
 
-    def record(self, call, state, attempt, error=None, traceback=None,
-            eta=None):
-        """Write the outcome of an attempt on the task row, as root.
+    def record(self, call, state, attempt, payload=None, eta=None):
+        """Write the outcome of an attempt on the task row, as root: the
+        error payload that ended it, if any.
 
         Return whether it is written and committed."""
+        payload = payload or {}
         retry = config.getint('database', 'retry')
         for count in range(retry + 1):
             try:
@@ -602,7 +606,10 @@ class WorkerProcess:
                     Task = Pool(call.database).get('async_sqs.task')
                     Task.finish(call.task, state,
                         started_at=attempt.started_at,
-                        error=error, traceback=traceback,
+                        error_type=payload.get('type'),
+                        error=payload.get('message'),
+                        error_description=payload.get('description'),
+                        traceback=payload.get('traceback'),
                         attempts=attempt.number or attempt.receive_count,
                         worker=self.host, eta=eta)
                 return True
@@ -677,12 +684,17 @@ class WorkerProcess:
                     with checks:
                         result = getattr(target, call.method)(
                             *args, **kwargs)
-                    reply = None
+                    reply, error = None, {}
                     if call.reply:
-                        reply = self.encode_result(call, result)
+                        reply, error = self.encode_result(call, result)
+                    # the outcome lasts with the row: any process can read
+                    # it, as often as it likes, once this commits
                     Task.finish(call.task, 'done',
                         started_at=attempt.started_at,
-                        attempts=attempt.number, worker=self.host)
+                        attempts=attempt.number, worker=self.host,
+                        result=reply, error_type=error.get('type'),
+                        error=error.get('message'),
+                        traceback=error.get('traceback'))
                 return reply
             except backend.DatabaseOperationalError:
                 if count < retry:
@@ -693,14 +705,16 @@ class WorkerProcess:
                 raise
 
     def encode_result(self, call, result):
-        "Return the reply body of a result, or of the error encoding it."
+        """Return the reply body of a result, or of the error encoding it,
+        and that error's payload (empty if none)."""
         try:
-            return encode_reply(call.task, result)
+            return encode_reply(call.task, result), {}
         except (TypeError, ValueError) as exc:
             # the call's effects stand: only its result cannot travel
             logger.error("%s: the result cannot be sent: %s",
                 task_name(call), exc)
-            return encode_reply(call.task, error=error_payload(exc))
+            payload = error_payload(exc)
+            return encode_reply(call.task, error=payload), payload
 
     def relay_pending(self):
         "Send again the calls committed but left unsent."

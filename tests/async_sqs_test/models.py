@@ -189,6 +189,26 @@ class Item(ModelSQL):
 
     @async_task(ignore_result=False)
     @classmethod
+    def unencodable(cls):
+        "Return what JSON cannot hold."
+        return [float('nan')]
+
+    @async_task(ignore_result=False)
+    @classmethod
+    def identity(cls, value):
+        return value
+
+    @async_task(ignore_result=False, queue='gate')
+    @classmethod
+    def gate(cls, path, value):
+        "Return value once a file is at path (a minute at most)."
+        deadline = time.monotonic() + 60
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return value
+
+    @async_task(ignore_result=False)
+    @classmethod
     def typed(cls, values):
         "Return the values and the name of each one's type."
         return [values, [type(v).__name__ for v in values]]
