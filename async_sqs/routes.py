@@ -19,7 +19,6 @@ import inspect
 import json
 import logging
 import math
-import re
 import time
 import urllib.parse
 from base64 import urlsafe_b64decode
@@ -37,10 +36,9 @@ from trytond.tools import is_instance_method
 from trytond.transaction import Transaction
 from trytond.wsgi import app
 
-from .exceptions import (
-    MessageError, ResultTimeout, TaskCancelled, TaskFailed, TaskNotSent)
-from .message import CHECK_ACCESS, decode_call, walk
-from .result import CANCELLED, TaskHandle
+from .exceptions import ResultTimeout, TaskCancelled, TaskFailed, TaskNotSent
+from .message import CHECK_ACCESS, walk
+from .result import TaskHandle, task_status
 from .user import APPLICATION
 
 logger = logging.getLogger(__name__)
@@ -61,7 +59,6 @@ HANDLE_STATES = {
 
 _application = user_application(APPLICATION, json=False)
 _json_decoder = JSONDecoder()
-_TASK_ID = re.compile(r'^[0-9a-f]{32}$')
 _MESSAGES = {
     HTTPStatus.UNAUTHORIZED: "a validated key of the async_sqs user "
     "application is needed, as Authorization: bearer KEY",
@@ -286,12 +283,10 @@ def task_state(request, pool, task_id):
     when it ended, 202 otherwise; with ?wait=SECONDS, once it ended or the
     seconds passed."""
     timeout = wait_time(request)
-    if not _TASK_ID.match(task_id):
-        abort(HTTPStatus.NOT_FOUND, "unknown task %s" % task_id)
     status = _readable_status(request, pool, task_id)
     if timeout is not None and status['state'] not in FINISHED:
-        status = wait_for(pool.database_name, task_id, timeout,
-            reply=status.pop('_reply'))
+        status = wait_for(pool.database_name, status['task'], timeout,
+            reply=wants_reply(pool, status))
     return status_response(status)
 
 
@@ -306,60 +301,31 @@ def _readable_status(request, pool, task_id):
     return status
 
 
-def task_status(database_name, task_id):
-    """Return the state, timestamps, user and error of the row of the task,
-    or None.
-
-    _reply tells whether the call sends a reply."""
-    with Transaction(new=True).start(database_name, 0, readonly=True):
-        Task = Pool().get('async_sqs.task')
-        table = Task.__table__()
-        cursor = Transaction().connection.cursor()
-        cursor.execute(*table.select(
-                table.state, table.enqueued_at, table.started_at,
-                table.finished_at, table.user, table.error, table.body,
-                where=table.uuid == task_id))
-        row = cursor.fetchone()
-    if row is None:
-        return None
-    state, enqueued_at, started_at, finished_at, user, error, body = row
+def wants_reply(pool, status):
+    "Tell whether the call of a task's status sends a reply."
     try:
-        reply = decode_call(body).reply
-    except MessageError:
-        reply = False
-    return {
-        'task': task_id,
-        'state': state,
-        'enqueued_at': enqueued_at,
-        'started_at': started_at,
-        'finished_at': finished_at,
-        'result': None,
-        'error': ({'type': None, 'message': error}
-            if state in ('failed', 'cancelled') else None),
-        'user': user,
-        '_reply': reply,
-        }
+        Model = pool.get(status['model'])
+    except KeyError:
+        return False
+    options = getattr(Model, '__async_tasks__', {}).get(status['method'])
+    return options is not None and not options.ignore_result
 
 
 def wait_for(database_name, task_id, timeout, reply):
     """Wait up to timeout seconds for the call to end; return its status.
 
     A call that sends a reply is waited for on its reply queue (a long
-    poll); the row of one that sends none is read every POLL_INTERVAL."""
+    poll), which reads the row too; the row of one that sends none is read
+    every POLL_INTERVAL, lest a reply queue be made that nobody fills."""
     deadline = time.monotonic() + timeout
-    outcome = {}
     if reply:
         handle = TaskHandle(task_id, database=database_name)
         try:
-            outcome['result'] = handle.wait(timeout)
-        except (ResultTimeout, TaskNotSent):
+            handle.wait(timeout)
+        except (ResultTimeout, TaskNotSent, UserError, TaskFailed,
+                TaskCancelled):
+            # the outcome, if any, is on the row: the status tells it
             pass
-        except UserError as exc:
-            outcome['error'] = {'type': 'UserError', 'message': exc.message}
-        except TaskFailed as exc:
-            outcome['error'] = {'type': exc.exc_type, 'message': exc.message}
-        except TaskCancelled as exc:
-            outcome['error'] = {'type': CANCELLED, 'message': str(exc)}
     while True:
         status = task_status(database_name, task_id)
         if (status is None or status['state'] in FINISHED or reply
@@ -368,9 +334,8 @@ def wait_for(database_name, task_id, timeout, reply):
         time.sleep(min(POLL_INTERVAL,
                 max(0, deadline - time.monotonic())))
     if status is None:
-        # deleted meanwhile (cleaning): what the wait got is all there is
-        status = {'task': task_id, 'state': 'done' if outcome else None}
-    status.update(outcome)
+        # deleted meanwhile, by the cleaning
+        abort(HTTPStatus.NOT_FOUND, "unknown task %s" % task_id)
     return status
 
 

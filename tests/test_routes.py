@@ -164,6 +164,11 @@ def test_wait_for_the_result(server, keys, worker):
     assert status == 200
     assert again['state'] == 'done'
     assert again['task'] == body['task']
+    assert again['result'] == result
+    # and with ?wait=, which has nothing left to wait for
+    status, _, again = get(server, keys, body['url'] + '?wait=5', key='user')
+    assert status == 200
+    assert again['result'] == result
 
 
 def test_record_routes(server, keys, worker):
@@ -212,7 +217,7 @@ def test_not_finished_in_time(server, keys, start_worker):
     assert task['result']['kwargs'] == {'text': 'later'}
     status, _, task = get(server, keys, url, key='user')
     assert status == 200
-    assert task['state'] == 'done'
+    assert task['result']['kwargs'] == {'text': 'later'}
     # a call that sends no reply is waited for on its row
     name = 'poll-%s' % uuid.uuid4()
     status, _, body = post(server, keys, '%s/create_named?wait=60' % ITEM,
