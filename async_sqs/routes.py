@@ -27,6 +27,7 @@ from functools import wraps
 from werkzeug.exceptions import HTTPException
 
 from trytond.exceptions import UserError
+from trytond.model import ModelStorage
 from trytond.model.exceptions import AccessError
 from trytond.pool import Pool
 from trytond.protocols.jsonrpc import JSONDecoder, JSONEncoder
@@ -215,7 +216,6 @@ def defer_call(request, pool, name, method, id=None):
 @with_transaction(readonly=False)
 @_application
 def _defer(request, pool, name, method, id):
-    pool = Pool()
     ModelAccess = pool.get('ir.model.access')
     transaction = Transaction()
     arguments = request_arguments(request)
@@ -240,6 +240,9 @@ def _defer(request, pool, name, method, id):
     # the worker runs the call with the access checks of an RPC call
     with transaction.set_context(context, **{CHECK_ACCESS: True}):
         if id is not None:
+            if not issubclass(Model, ModelStorage):
+                abort(HTTPStatus.NOT_FOUND,
+                    "%s stores no records" % name)
             try:
                 record, = Model.search([('id', '=', id)])
             except ValueError:
