@@ -20,7 +20,7 @@ from .exceptions import MessageError
 from .message import decode_call, decode_reply, encode_reply
 from .worker import (
     NO_ROW, SKIPPED, Attempt, Received, WorkerProcess, error_payload,
-    task_name)
+    refusal_payload, task_name)
 
 logger = logging.getLogger(__name__)
 
@@ -91,10 +91,10 @@ class EagerRunner(WorkerProcess):
                     reply = self.run_call(attempt)
             except MessageError as exc:
                 logger.error("%s refused: %s", name, exc.reason)
+                payload = refusal_payload(exc)
                 if attempt.number is not None or exc.reason != NO_ROW:
-                    self.record(call, 'failed', attempt, error=exc.reason)
-                return encode_reply(call.task, error={
-                        'type': 'MessageError', 'message': exc.reason})
+                    self.record(call, 'failed', attempt, payload)
+                return encode_reply(call.task, error=payload)
             except (UserError, UserWarning) as exc:
                 logger.info("%s failed after %i ms: %s", name,
                     attempt.duration(), exc)
@@ -107,10 +107,7 @@ class EagerRunner(WorkerProcess):
                     exc_info=True)
                 if number > retries:
                     return self._failed(call, attempt, exc)
-                payload = error_payload(exc)
-                self.record(call, 'queued', attempt,
-                    error=payload['message'],
-                    traceback=payload.get('traceback'))
+                self.record(call, 'queued', attempt, error_payload(exc))
                 continue
             if reply is SKIPPED:
                 logger.info("%s skipped: %s already", name, attempt.state)
@@ -120,8 +117,7 @@ class EagerRunner(WorkerProcess):
 
     def _failed(self, call, attempt, exc):
         payload = error_payload(exc)
-        self.record(call, 'failed', attempt, error=payload['message'],
-            traceback=payload.get('traceback'))
+        self.record(call, 'failed', attempt, payload)
         return encode_reply(call.task, error=payload)
 
 

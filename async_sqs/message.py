@@ -24,6 +24,10 @@ RECORD_CLASS = 'async_sqs.Record'
 #: Pool types a call may name.
 KINDS = ('model', 'wizard', 'report')
 
+#: Context key of a call that runs with the access checks of an RPC call,
+#: as the HTTP routes defer them.
+CHECK_ACCESS = 'async_sqs_check_access'
+
 #: Most calls one message may carry.
 MAX_CALLS_PER_MESSAGE = 100
 #: Most bytes of the calls packed in one message: one 64 KiB chunk, which

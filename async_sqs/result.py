@@ -4,6 +4,7 @@
 import asyncio
 import logging
 import time
+import uuid
 
 from trytond.exceptions import UserError
 
@@ -11,7 +12,7 @@ from . import settings, sqs
 from .exceptions import (
     MessageError, ResultIgnored, ResultTimeout, TaskCancelled, TaskFailed,
     TaskNotSent)
-from .message import decode_reply, verify, walk
+from .message import Reply, decode_reply, verify, walk
 
 logger = logging.getLogger(__name__)
 
@@ -19,6 +20,9 @@ logger = logging.getLogger(__name__)
 MAX_WAIT_TIME = 20
 #: Error type of the reply that tells a waiter its task was cancelled.
 CANCELLED = 'TaskCancelled'
+#: Seconds a waiter long-polls the reply queue between two reads of the
+#: task row.
+ROW_INTERVAL = 1
 
 
 def reply_queue_attributes():
@@ -27,30 +31,124 @@ def reply_queue_attributes():
     return {'MessageRetentionPeriod': str(settings.reply_ttl())}
 
 
+def row_reply(row):
+    """Return the Reply that the row of a finished call holds, or None if
+    the call has not ended.
+
+    A call done without a stored result (ignore_result=True) gives None as
+    its result."""
+    task_id, state = row['uuid'], row['state']
+    if state == 'done':
+        if row['result']:
+            return decode_reply(row['result'])
+        return Reply(task=task_id, ok=True, result=None, error=None)
+    if state == 'cancelled':
+        return Reply(task=task_id, ok=False, result=None, error={
+                'type': CANCELLED,
+                'message': row['error'] or "the task was cancelled"})
+    if state == 'failed':
+        error = {
+            # rows failed before the error type was kept
+            'type': row['error_type'] or 'unknown',
+            'message': row['error'] or '',
+            }
+        if row['error_description']:
+            error['description'] = row['error_description']
+        if row['traceback']:
+            error['traceback'] = row['traceback']
+        return Reply(task=task_id, ok=False, result=None, error=error)
+    return None
+
+
+def task_status(database, task_id):
+    """Return how the task stands, read from its row; None without a row.
+
+    The dict has the keys task (the id as 32 hex digits), model, method,
+    user (the id of the user who deferred it), state (pending, queued,
+    running, done, failed or cancelled), attempts, enqueued_at, started_at,
+    finished_at (naive datetimes or None), result and error. result is the
+    return value of a call done, with records as RecordRef(model, id), and
+    None otherwise or when the method ignores its result. error is None, or
+    {'type', 'message'} for a call failed or cancelled, or whose result
+    could not be encoded. Any UUID spelling is accepted; one that is not a
+    UUID has no row. The row is read in a transaction of its own."""
+    from .task import read_rows
+    try:
+        task_id = uuid.UUID(str(task_id)).hex
+    except ValueError:
+        return None
+    row = read_rows(database, [task_id]).get(task_id)
+    if row is None:
+        return None
+    reply = row_reply(row)
+    result = error = None
+    if reply is not None:
+        if reply.ok:
+            result = reply.result
+        else:
+            error = {'type': reply.error['type'],
+                'message': reply.error['message']}
+    return {
+        'task': task_id,
+        'model': row['model'],
+        'method': row['method'],
+        'user': row['user'],
+        'state': row['state'],
+        'attempts': row['attempts'],
+        'enqueued_at': row['enqueued_at'],
+        'started_at': row['started_at'],
+        'finished_at': row['finished_at'],
+        'result': result,
+        'error': error,
+        }
+
+
 class TaskHandle:
     """A deferred call: wait() returns its result, ready() tells if it is in.
 
     A handle can be made again from a task id, in any process, to wait for a
-    result there."""
+    result there: with the database, the outcome is read from the task row
+    when the reply queue no longer holds it, as often as asked."""
 
     def __init__(self, task_id, database=None, model=None, method=None,
-            ignore_result=False, state='sent'):
+            ignore_result=False, state=None):
         self.task_id = task_id
         self.database = database
         self.model = model
         self.method = method
         self.ignore_result = ignore_result
+        # None: made from a task id, the row knows the state
         self._state = state
         self._reply = None
+        # whether a row done without a stored result is one of before the
+        # result was stored, whose reply only the reply queue holds
+        self._legacy = None
 
     def __repr__(self):
         return '<TaskHandle %s %s.%s@%s %s>' % (
-            self.task_id, self.model, self.method, self.database, self.state)
+            self.task_id, self.model, self.method, self.database,
+            self._state or 'sent')
 
     @property
     def state(self):
-        "pending, sent, unsent (SQS failed at commit), dropped or done."
+        """pending, sent, unsent (SQS failed at commit), dropped or done for
+        the handle deferring returned; for one made from a task id with the
+        database, the state of the row (pending, queued, running, done,
+        failed or cancelled, unknown without a row), otherwise sent."""
+        if self._state is None:
+            if self.database is None:
+                return 'done' if self._reply is not None else 'sent'
+            status = self.status()
+            return status['state'] if status else 'unknown'
         return 'done' if self._reply is not None else self._state
+
+    def status(self):
+        "Return task_status() of the task: its row read now, or None."
+        if self.database is None:
+            raise ValueError(
+                "the handle of task %s has no database to read its row from"
+                % self.task_id)
+        return task_status(self.database, self.task_id)
 
     def _set_state(self, state):
         self._state = state
@@ -70,6 +168,8 @@ class TaskHandle:
         "Tell whether the result is in, without waiting."
         self._check_waitable()
         if self._reply is None:
+            self._reply = self._from_row()
+        if self._reply is None:
             self._reply = self._receive(0)
         return self._reply is not None
 
@@ -78,29 +178,61 @@ class TaskHandle:
 
         Raise ResultTimeout if it is not in by then (the handle can wait
         again), the UserError the call raised, TaskCancelled if the task was
-        cancelled before it ran, or TaskFailed for any other error."""
+        cancelled before it ran, or TaskFailed for any other error. The
+        outcome comes from the reply queue, or from the task row once the
+        reply was read by another handle; a call of a method that ignores
+        its result ends with None."""
         self._check_waitable()
+        if self._reply is None:
+            self._reply = self._from_row()
         if self._reply is None:
             self._reply = self._receive(timeout)
             if self._reply is None:
                 raise ResultTimeout(self.task_id, timeout)
         return self._outcome()
 
+    def _from_row(self):
+        "Return the Reply the task row holds, or None; None without database."
+        if self.database is None:
+            return None
+        from .task import read_rows
+        row = read_rows(self.database, [self.task_id]).get(self.task_id)
+        if row is None:
+            return None
+        return self._row_reply(row)
+
+    def _row_reply(self, row):
+        reply = row_reply(row)
+        if (reply is not None and reply.ok and not row['result']
+                and not self.ignore_result):
+            if self._legacy is None:
+                from .task import _wants_reply, read_rows
+                body = read_rows(self.database, [self.task_id],
+                    columns=('uuid', 'body')).get(self.task_id)
+                self._legacy = bool(body and _wants_reply(body['body']))
+            if self._legacy:
+                return None
+        return reply
+
     def __await__(self):
         loop = asyncio.get_running_loop()
         return loop.run_in_executor(None, self.wait).__await__()
 
     def _receive(self, timeout):
+        """Return the Reply from the reply queue, or from the row once it
+        is finished and the reply did not come; None after timeout."""
         transport = sqs.client()
         name = self.reply_queue
         url = transport.open(name, reply_queue_attributes())
         deadline = None if timeout is None else time.monotonic() + timeout
+        longest = MAX_WAIT_TIME if self.database is None else ROW_INTERVAL
+        finished = False
         while True:
             if deadline is None:
-                wait_time = MAX_WAIT_TIME
+                wait_time = longest
             else:
                 remaining = deadline - time.monotonic()
-                wait_time = max(0, min(MAX_WAIT_TIME, int(remaining)))
+                wait_time = max(0, min(longest, int(remaining)))
             for message in transport.receive(
                     url, max_number=1, wait_time=wait_time):
                 reply = self._accept(message)
@@ -108,8 +240,17 @@ class TaskHandle:
                     transport.delete_queue(name)
                     return reply
                 transport.delete_batch(url, [message['ReceiptHandle']])
+            reply = self._from_row()
+            if reply is not None:
+                # the reply leaves after the row commits: a reply queue
+                # still empty one poll later was read by another handle
+                if finished:
+                    transport.delete_queue(name)
+                    return reply
+                finished = True
             if deadline is not None and time.monotonic() >= deadline:
-                return None
+                # the row is authoritative: what it holds is the outcome
+                return reply
 
     def _accept(self, message):
         try:

@@ -72,8 +72,15 @@ class Task(ModelSQL, ModelView):
     started_at = fields.Timestamp("Started At", readonly=True)
     finished_at = fields.Timestamp("Finished At", readonly=True)
     duration = fields.TimeDelta("Duration", readonly=True)
+    error_type = fields.Char("Error Type", readonly=True,
+        help="The class of the exception that failed the call.")
     error = fields.Text("Error", readonly=True)
+    error_description = fields.Text("Error Description", readonly=True,
+        help="The description of the user error that failed the call.")
     traceback = fields.Text("Traceback", readonly=True)
+    result = fields.Text("Result", readonly=True,
+        help="The reply sent to the caller, kept for those who read it "
+        "later: empty for a call that returns no result.")
     worker = fields.Char("Worker", readonly=True,
         help="The host and process that ran the call.")
     body = fields.Text("Message", readonly=True,
@@ -220,10 +227,14 @@ class Task(ModelSQL, ModelView):
         followup = Followup.of(transaction)
         for sub_rows in grouped_slice(rows, backend.MAX_QUERY_PARAMS):
             sub_rows = list(sub_rows)
+            # the row holds the outcome for those who read it later
             cursor.execute(*table.update(
-                    [table.state, table.finished_at, table.write_date,
+                    [table.state, table.finished_at, table.error_type,
+                        table.error, table.error_description,
+                        table.traceback, table.result, table.write_date,
                         table.write_uid],
-                    ['cancelled', now, now, transaction.user],
+                    ['cancelled', now, CANCELLED, "the task was cancelled",
+                        None, None, None, now, transaction.user],
                     where=table.id.in_([r[0] for r in sub_rows])))
             for _, uuid, _, body in sub_rows:
                 if _wants_reply(body):
@@ -361,8 +372,10 @@ class Task(ModelSQL, ModelView):
         # again, and a delivery that changed nothing does not run.
         cursor.execute(*table.update(
                 [table.state, table.attempts, table.started_at,
-                    table.worker, table.error, table.traceback],
-                ['running', attempt, dt.datetime.now(), worker, None, None],
+                    table.worker, table.error, table.traceback,
+                    table.error_type, table.error_description],
+                ['running', attempt, dt.datetime.now(), worker, None, None,
+                    None, None],
                 where=(table.id == id_) & table.state.in_(RUNNABLE)))
         if cursor.rowcount != 1:
             cursor.execute(*table.select(table.state,
@@ -373,15 +386,23 @@ class Task(ModelSQL, ModelView):
 
     @classmethod
     def finish(cls, uuid, state, started_at=None, error=None,
-            traceback=None, attempts=None, worker=None, eta=None):
+            traceback=None, attempts=None, worker=None, eta=None,
+            error_type=None, error_description=None, result=None):
         """Record the end of an attempt: done, failed, or queued to retry
-        (at eta)."""
+        (at eta).
+
+        result is the reply body of a call that wants its result; the error
+        columns describe the exception that ended the attempt. Each is
+        written, empty when not given: a retried row keeps nothing of the
+        attempt before."""
         cursor = Transaction().connection.cursor()
         table = cls.__table__()
         now = dt.datetime.now()
         columns = [table.state, table.finished_at, table.error,
-            table.traceback, table.write_date]
-        values = [state, now, error, traceback, now]
+            table.traceback, table.error_type, table.error_description,
+            table.result, table.write_date]
+        values = [state, now, error, traceback, error_type,
+            error_description, result, now]
         if started_at is not None:
             columns += [table.started_at, table.duration]
             values += [started_at, now - started_at]
@@ -424,6 +445,40 @@ class Task(ModelSQL, ModelView):
                 & ((table.eta == Null) | (table.eta < before)),
                 order_by=[changed.asc], limit=limit))
         return cursor.fetchall()
+
+
+#: Columns of a row that say how its call stands and how it ended.
+OUTCOME_COLUMNS = ('uuid', 'model', 'method', 'user', 'state', 'attempts',
+    'enqueued_at', 'started_at', 'finished_at', 'result', 'error_type',
+    'error', 'error_description', 'traceback')
+
+
+def read_rows(database_name, uuids, columns=OUTCOME_COLUMNS):
+    """Return {uuid: {column: value}} of the rows of the uuids that exist.
+
+    Read in a read-only transaction of its own, so that the caller may be
+    inside a transaction of another database, or one whose snapshot is
+    older than the row (PostgreSQL's repeatable read); with SQL only, so
+    that a process which never initialised the pool of the database can
+    read them."""
+    from sql import Column, Table
+
+    from trytond import backend
+
+    # the table of async_sqs.task, as ModelSQL names it
+    table = Table('async_sqs_task')
+    rows = {}
+    with Transaction(new=True).start(
+            database_name, 0, readonly=True) as transaction:
+        cursor = transaction.connection.cursor()
+        for sub_uuids in grouped_slice(uuids, backend.MAX_QUERY_PARAMS):
+            cursor.execute(*table.select(
+                    *(Column(table, c) for c in columns),
+                    where=table.uuid.in_(list(sub_uuids))))
+            for values in cursor:
+                row = dict(zip(columns, values))
+                rows[row['uuid']] = row
+    return rows
 
 
 def task_queues(database_name):

@@ -19,6 +19,7 @@ import threading
 import time
 import traceback
 from collections import defaultdict
+from contextlib import nullcontext
 
 from trytond import backend, config
 from trytond.exceptions import UserError, UserWarning
@@ -26,14 +27,14 @@ from trytond.i18n import gettext
 from trytond.pool import Pool
 from trytond.status import processing
 from trytond.tools import grouped_slice
-from trytond.transaction import Transaction, inactive_records
+from trytond.transaction import Transaction, check_access, inactive_records
 
 from . import settings, sqs
 from .backoff import Outage
 from .exceptions import MessageError, RecordMissing
 from .message import (
-    RecordRef, check_signing, decode_calls, encode_call, encode_reply,
-    signature_attributes, verify, walk)
+    CHECK_ACCESS, RecordRef, check_signing, decode_calls, encode_call,
+    encode_reply, signature_attributes, verify, walk)
 from .outbox import mark_queued, message_entry
 from .result import reply_queue_attributes
 from .task import task_queues
@@ -85,6 +86,11 @@ def error_payload(exc):
         'message': str(exc),
         'traceback': ''.join(traceback.format_exception(exc)),
         }
+
+
+def refusal_payload(exc):
+    "Return the description of a MessageError that a reply carries."
+    return {'type': 'MessageError', 'message': exc.reason}
 
 
 class Attempt:
@@ -475,12 +481,13 @@ class WorkerProcess:
             return self.release(call, received, packed)
         except MessageError as exc:
             logger.error("%s refused: %s", name, exc.reason)
+            payload = refusal_payload(exc)
             if attempt.number is not None or exc.reason != NO_ROW:
-                if not self.record(call, 'failed', attempt, error=exc.reason):
+                if not self.record(call, 'failed', attempt, payload):
                     return self.release(call, received, packed)
             if call.reply and exc.reason != NO_ROW:
-                self.reply(call, received, encode_reply(call.task, error={
-                            'type': 'MessageError', 'message': exc.reason}))
+                self.reply(call, received,
+                    encode_reply(call.task, error=payload))
             return self.dead_letter(
                 received, exc.reason, call if packed else None)
         except (UserError, UserWarning) as exc:
@@ -512,9 +519,7 @@ class WorkerProcess:
         its row says so: the reply and the dead letter come after."""
         payload = error_payload(exc)
         if final:
-            if not self.record(call, 'failed', attempt,
-                    error=payload['message'],
-                    traceback=payload.get('traceback')):
+            if not self.record(call, 'failed', attempt, payload):
                 return self.release(call, received, packed)
             if call.reply:
                 self.reply(
@@ -528,8 +533,7 @@ class WorkerProcess:
         backoff = attempt.options.retry_backoff * 2 ** (number - 1)
         delay = int(min(backoff, MAX_VISIBILITY))
         # if the row cannot say so, the message still comes back
-        self.record(call, 'queued', attempt, error=payload['message'],
-            traceback=payload.get('traceback'),
+        self.record(call, 'queued', attempt, payload,
             eta=dt.datetime.now() + dt.timedelta(seconds=delay))
         logger.info("%s retries in %i s", task_name(call), delay)
         if packed:
@@ -589,11 +593,12 @@ class WorkerProcess:
         return self.try_sqs("send a call alone (SendMessageBatch)",
             sqs.client().send_batch, received.url, [entry])
 
-    def record(self, call, state, attempt, error=None, traceback=None,
-            eta=None):
-        """Write the outcome of an attempt on the task row, as root.
+    def record(self, call, state, attempt, payload=None, eta=None):
+        """Write the outcome of an attempt on the task row, as root: the
+        error payload that ended it, if any.
 
         Return whether it is written and committed."""
+        payload = payload or {}
         retry = config.getint('database', 'retry')
         for count in range(retry + 1):
             try:
@@ -601,7 +606,10 @@ class WorkerProcess:
                     Task = Pool(call.database).get('async_sqs.task')
                     Task.finish(call.task, state,
                         started_at=attempt.started_at,
-                        error=error, traceback=traceback,
+                        error_type=payload.get('type'),
+                        error=payload.get('message'),
+                        error_description=payload.get('description'),
+                        traceback=payload.get('traceback'),
                         attempts=attempt.number or attempt.receive_count,
                         worker=self.host, eta=eta)
                 return True
@@ -669,13 +677,24 @@ class WorkerProcess:
                             received, attempt.options.visibility_timeout)
                     args, kwargs, target = self.resolve_records(
                         pool, call, cls)
-                    result = getattr(target, call.method)(*args, **kwargs)
-                    reply = None
+                    # a call deferred from an HTTP route is checked as the
+                    # RPC call of the Tryton client would be
+                    checks = (check_access() if call.context.get(CHECK_ACCESS)
+                        else nullcontext())
+                    with checks:
+                        result = getattr(target, call.method)(
+                            *args, **kwargs)
+                    reply, error = None, {}
                     if call.reply:
-                        reply = self.encode_result(call, result)
+                        reply, error = self.encode_result(call, result)
+                    # the outcome lasts with the row: any process can read
+                    # it, as often as it likes, once this commits
                     Task.finish(call.task, 'done',
                         started_at=attempt.started_at,
-                        attempts=attempt.number, worker=self.host)
+                        attempts=attempt.number, worker=self.host,
+                        result=reply, error_type=error.get('type'),
+                        error=error.get('message'),
+                        traceback=error.get('traceback'))
                 return reply
             except backend.DatabaseOperationalError:
                 if count < retry:
@@ -686,14 +705,16 @@ class WorkerProcess:
                 raise
 
     def encode_result(self, call, result):
-        "Return the reply body of a result, or of the error encoding it."
+        """Return the reply body of a result, or of the error encoding it,
+        and that error's payload (empty if none)."""
         try:
-            return encode_reply(call.task, result)
+            return encode_reply(call.task, result), {}
         except (TypeError, ValueError) as exc:
             # the call's effects stand: only its result cannot travel
             logger.error("%s: the result cannot be sent: %s",
                 task_name(call), exc)
-            return encode_reply(call.task, error=error_payload(exc))
+            payload = error_payload(exc)
+            return encode_reply(call.task, error=payload), payload
 
     def relay_pending(self):
         "Send again the calls committed but left unsent."

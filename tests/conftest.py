@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 import uuid
 
@@ -257,3 +258,75 @@ def pytest_collection_modifyitems(session, config, items):
     # end: run them last rather than build it again for every test after
     items.sort(key=lambda item: item.fspath.basename in {
             'test_module.py', 'test_scenario.py'})
+
+
+class Server:
+    "A trytond server process started by a test, on a free port of 127.0.0.1."
+
+    def __init__(self, prefix, options=None):
+        self.prefix = prefix
+        self.directory = tempfile.mkdtemp(prefix='trytond-server-')
+        self.config_path = os.path.join(self.directory, 'trytond.conf')
+        self.port = free_port()
+        self.url = 'http://127.0.0.1:%s' % self.port
+        values = {
+            'endpoint_url': ENDPOINT,
+            'region': REGION,
+            'access_key': 'testing',
+            'secret_key': 'testing-secret',
+            'queue_prefix': prefix,
+            'wait_time': '1',
+            'secret': SECRET,
+            }
+        values.update(options or {})
+        with open(self.config_path, 'w') as fp:
+            # the database is the one of the environment, as for the tests
+            fp.write('[web]\nlisten = 127.0.0.1:%s\n' % self.port)
+            fp.write('[async_sqs]\n')
+            for key, value in values.items():
+                if value is not None:
+                    fp.write('%s = %s\n' % (key, value))
+        self.log_path = os.path.join(self.directory, 'server.log')
+        self.final_output = None
+        self.log = open(self.log_path, 'w')
+        self.process = subprocess.Popen(
+            [os.path.join(BIN, 'trytond'), '-c', self.config_path, '-v'],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def output(self):
+        "Return the log of the server, kept once its directory is removed."
+        if self.final_output is not None:
+            return self.final_output
+        with open(self.log_path) as fp:
+            return fp.read()
+
+    def ready(self, timeout=60):
+        "Wait until the server answers HTTP."
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(self.url + '/', timeout=1).read()
+                return self
+            except urllib.error.HTTPError:
+                # any answer is an answer: it listens
+                return self
+            except OSError:
+                if (self.process.poll() is not None
+                        or time.monotonic() > deadline):
+                    raise AssertionError(
+                        "trytond server did not start:\n%s" % self.output())
+                time.sleep(0.1)
+
+    def stop(self, timeout=30):
+        "SIGTERM, then SIGKILL if need be; keep the log, remove the rest."
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+        self.log.close()
+        if self.final_output is None:
+            self.final_output = self.output()
+            shutil.rmtree(self.directory, ignore_errors=True)

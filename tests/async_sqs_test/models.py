@@ -10,6 +10,7 @@ from trytond.model import ModelSQL, fields
 from trytond.modules.async_sqs import async_task
 from trytond.pool import PoolMeta
 from trytond.report import Report
+from trytond.rpc import RPC
 from trytond.transaction import Transaction
 from trytond.wizard import StateTransition, Wizard
 
@@ -20,6 +21,22 @@ class Item(ModelSQL):
     name = fields.Char("Name")
     value = fields.Integer("Value")
     note = fields.Text("Note")
+
+    @classmethod
+    def __setup__(cls):
+        super().__setup__()
+        # what the HTTP routes may call; sleep_then_pid and fail_quietly stay
+        # deferrable but unexposed, not_deferrable exposed but not deferrable
+        cls.__rpc__.update({
+                'create_named': RPC(readonly=False),
+                'echo': RPC(readonly=False),
+                'bump': RPC(readonly=False, instantiate=0),
+                'describe': RPC(readonly=False, instantiate=0),
+                'fail': RPC(readonly=False),
+                'sleep_then_create': RPC(readonly=False),
+                'not_deferrable': RPC(readonly=False),
+                'count_secrets': RPC(readonly=False),
+                })
 
     @async_task()
     @classmethod
@@ -164,9 +181,54 @@ class Item(ModelSQL):
 
     @async_task(ignore_result=False)
     @classmethod
+    def count_secrets(cls):
+        "Return how many secrets there are: it reads a restricted model."
+        from trytond.pool import Pool
+        Secret = Pool().get('async_sqs.test.secret')
+        return len(Secret.search([]))
+
+    @async_task(ignore_result=False)
+    @classmethod
+    def unencodable(cls):
+        "Return what JSON cannot hold."
+        return [float('nan')]
+
+    @async_task(ignore_result=False)
+    @classmethod
+    def identity(cls, value):
+        return value
+
+    @async_task(ignore_result=False, queue='gate')
+    @classmethod
+    def gate(cls, path, value):
+        "Return value once a file is at path (a minute at most)."
+        deadline = time.monotonic() + 60
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return value
+
+    @async_task(ignore_result=False)
+    @classmethod
     def typed(cls, values):
         "Return the values and the name of each one's type."
         return [values, [type(v).__name__ for v in values]]
+
+
+class Secret(ModelSQL):
+    "Async SQS Test Secret"
+    __name__ = 'async_sqs.test.secret'
+    name = fields.Char("Name")
+
+    @classmethod
+    def __setup__(cls):
+        super().__setup__()
+        cls.__rpc__.update({'reveal': RPC(readonly=False)})
+
+    @async_task(ignore_result=False)
+    @classmethod
+    def reveal(cls):
+        "Return the names of the secrets: only administrators may read them."
+        return [s.name for s in cls.search([])]
 
 
 class ItemOverride(metaclass=PoolMeta):

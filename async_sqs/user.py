@@ -1,7 +1,10 @@
 # This file is part of async_sqs.  The COPYRIGHT file at the top level of
 # this repository contains the full copyright notices and license terms.
-"The users who administer the deferred tasks."
+"The users of async_sqs: who administers the tasks, who calls the routes."
 from trytond.pool import Pool, PoolMeta
+
+#: The name of the user application of the routes.
+APPLICATION = 'async_sqs'
 
 
 class User(metaclass=PoolMeta):
@@ -27,3 +30,13 @@ class User(metaclass=PoolMeta):
         if admin in groups and task_admin not in groups:
             groups = tuple(groups) + (task_admin,)
         return groups
+
+
+class UserApplication(metaclass=PoolMeta):
+    __name__ = 'res.user.application'
+
+    @classmethod
+    def __setup__(cls):
+        super().__setup__()
+        # a key of its own: deferring is granted apart from the REST API
+        cls.application.selection.append((APPLICATION, "Deferred Calls"))
