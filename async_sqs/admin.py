@@ -19,9 +19,10 @@ from trytond.transaction import Transaction
 from . import settings, sqs
 from .exceptions import AsyncTaskError, MessageError
 from .message import (
-    KEY_ID_ATTRIBUTE, SIGNATURE_ATTRIBUTE, decode_call, decode_calls, verify)
-from .outbox import message_entry
-from .task import RUNNABLE, STATES, task_queues
+    KEY_ID_ATTRIBUTE, SIGNATURE_ATTRIBUTE, decode_call, decode_calls,
+    message_entry, verify)
+from .rows import task_queues
+from .task import RUNNABLE, STATES
 
 logger = logging.getLogger(__name__)
 

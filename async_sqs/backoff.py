@@ -73,3 +73,32 @@ class Outage:
             self.failures = 0
             self.since = None
             self.retry_at = 0
+
+
+class Outages:
+    "The outages of a process, one per kind of call."
+
+    def __init__(self):
+        self.outages = {}
+
+    def get(self, what):
+        "Return the Outage that tracks the calls of that kind."
+        outage = self.outages.get(what)
+        if outage is None:
+            outage = self.outages[what] = Outage(what)
+        return outage
+
+    def attempt(self, what, function, *args, **kwargs):
+        """Call function; tell whether it worked.
+
+        A failure is logged once per outage of that kind of call, never
+        raised: what it did not do is done again by whoever calls later
+        or by the message coming back."""
+        outage = self.get(what)
+        try:
+            function(*args, **kwargs)
+        except Exception as exc:
+            outage.failed(exc)
+            return False
+        outage.succeeded()
+        return True

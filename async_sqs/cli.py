@@ -37,12 +37,12 @@ def worker_main(argv=None):
 
     from trytond.pool import Pool
 
-    from . import worker
+    from . import supervisor
     from .exceptions import SigningKeyMissing
     with commandline.pidfile(options):
         Pool.start()
         try:
-            worker.work(options)
+            supervisor.work(options)
         except SigningKeyMissing as exc:
             print("trytond-async-worker: %s" % exc, file=sys.stderr)
             return 2

@@ -18,9 +18,10 @@ from trytond.transaction import Transaction
 
 from .exceptions import MessageError
 from .message import decode_call, decode_reply, encode_reply
-from .worker import (
-    NO_ROW, SKIPPED, Attempt, Received, WorkerProcess, error_payload,
-    refusal_payload, task_name)
+from .receiver import Received
+from .runner import (
+    NO_ROW, SKIPPED, Attempt, Runner, error_payload, refusal_payload,
+    task_name)
 
 logger = logging.getLogger(__name__)
 
@@ -54,13 +55,13 @@ def _no_transaction():
         local.transactions = saved
 
 
-class EagerRunner(WorkerProcess):
+class EagerRunner(Runner):
     "The worker's way of running a call, in the caller's process."
 
     def __init__(self, database_name):
-        super().__init__([database_name], relay=False)
-        self.heartbeat = _NoHeartbeat()
-        self.host = 'eager %s:%s' % (socket.gethostname(), os.getpid())
+        super().__init__('eager %s:%s' % (socket.gethostname(), os.getpid()),
+            _NoHeartbeat())
+        self.database_name = database_name
 
     def run_entries(self, entries):
         "Run the calls of the outbox entries, one after the other."
@@ -70,6 +71,8 @@ class EagerRunner(WorkerProcess):
             except Exception:
                 logger.critical("%s could not be run eagerly", row['uuid'],
                     exc_info=True)
+                continue
+            if handle is None:
                 continue
             handle._set_state('sent')
             if reply is not None and not handle.ignore_result:
@@ -130,10 +133,10 @@ def run(database_name, entries):
 
 
 def run_rows(database_name, rows):
-    "Run the calls of committed rows, (uuid, queue name, body): a retry."
-    from .result import TaskHandle
-    entries = [({'uuid': uuid, 'queue': queue, 'body': body},
-            TaskHandle(uuid, database=database_name, ignore_result=True),
-            0, 1)
+    """Run the calls of committed rows, (uuid, queue name, body): a retry.
+
+    No handle waits for them here: a waiter reads the outcome from the
+    row."""
+    entries = [({'uuid': uuid, 'queue': queue, 'body': body}, None, 0, 1)
         for uuid, queue, body in rows]
     run(database_name, entries)

@@ -296,6 +296,8 @@ def walk(value, function):
     return value
 
 
+#: Error type of the reply that tells a waiter its task was cancelled.
+CANCELLED = 'TaskCancelled'
 #: Message attribute that names the signing key.
 KEY_ID_ATTRIBUTE = 'async_sqs.key'
 #: Message attribute that holds the HMAC-SHA256 of the body.
@@ -362,3 +364,14 @@ def verify(message):
         key.encode('utf-8'), body.encode('utf-8'), hashlib.sha256)
     if not hmac.compare_digest(expected.hexdigest(), signature):
         raise MessageError("signature does not match the body", message_id)
+
+
+def message_entry(id_, body, delay=0):
+    "Return a SendMessageBatch entry, signed."
+    entry = {'Id': id_, 'MessageBody': body,
+        'MessageAttributes': signature_attributes(body)}
+    if not entry['MessageAttributes']:
+        del entry['MessageAttributes']
+    if delay:
+        entry['DelaySeconds'] = delay
+    return entry

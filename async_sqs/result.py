@@ -8,27 +8,20 @@ import uuid
 
 from trytond.exceptions import UserError
 
-from . import settings, sqs
+from . import sqs
 from .exceptions import (
     MessageError, ResultIgnored, ResultTimeout, TaskCancelled, TaskFailed,
     TaskNotSent)
-from .message import Reply, decode_reply, verify, walk
+from .message import CANCELLED, Reply, decode_reply, verify, walk
+from .rows import read_rows, wants_reply
 
 logger = logging.getLogger(__name__)
 
 #: Longest long poll SQS allows, in seconds.
 MAX_WAIT_TIME = 20
-#: Error type of the reply that tells a waiter its task was cancelled.
-CANCELLED = 'TaskCancelled'
 #: Seconds a waiter long-polls the reply queue between two reads of the
 #: task row.
 ROW_INTERVAL = 1
-
-
-def reply_queue_attributes():
-    "Return the attributes every reply queue is created with."
-    # worker and waiter may each create it: SQS wants the same attributes
-    return {'MessageRetentionPeriod': str(settings.reply_ttl())}
 
 
 def row_reply(row):
@@ -72,7 +65,6 @@ def task_status(database, task_id):
     {'type', 'message'} for a call failed or cancelled, or whose result
     could not be encoded. Any UUID spelling is accepted; one that is not a
     UUID has no row. The row is read in a transaction of its own."""
-    from .task import read_rows
     try:
         task_id = uuid.UUID(str(task_id)).hex
     except ValueError:
@@ -195,7 +187,6 @@ class TaskHandle:
         "Return the Reply the task row holds, or None; None without database."
         if self.database is None:
             return None
-        from .task import read_rows
         row = read_rows(self.database, [self.task_id]).get(self.task_id)
         if row is None:
             return None
@@ -206,10 +197,9 @@ class TaskHandle:
         if (reply is not None and reply.ok and not row['result']
                 and not self.ignore_result):
             if self._legacy is None:
-                from .task import _wants_reply, read_rows
                 body = read_rows(self.database, [self.task_id],
                     columns=('uuid', 'body')).get(self.task_id)
-                self._legacy = bool(body and _wants_reply(body['body']))
+                self._legacy = bool(body and wants_reply(body['body']))
             if self._legacy:
                 return None
         return reply
@@ -223,7 +213,7 @@ class TaskHandle:
         is finished and the reply did not come; None after timeout."""
         transport = sqs.client()
         name = self.reply_queue
-        url = transport.open(name, reply_queue_attributes())
+        url = transport.open(name, sqs.reply_queue_attributes())
         deadline = None if timeout is None else time.monotonic() + timeout
         longest = MAX_WAIT_TIME if self.database is None else ROW_INTERVAL
         finished = False

@@ -132,6 +132,12 @@ def sweep_reply_queues(older_than=None):
     return deleted
 
 
+def reply_queue_attributes():
+    "Return the attributes every reply queue is created with."
+    # worker and waiter may each create it: SQS wants the same attributes
+    return {'MessageRetentionPeriod': str(settings.reply_ttl())}
+
+
 def is_missing_queue(exc):
     "Tell whether a ClientError says the queue does not exist."
     return (isinstance(exc, ClientError)

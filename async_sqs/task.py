@@ -20,8 +20,9 @@ from trytond.tools import grouped_slice
 from trytond.transaction import Transaction
 
 from . import settings, sqs
-from .exceptions import MessageError, TaskStateError
-from .message import decode_call, encode_reply
+from .exceptions import TaskStateError
+from .message import CANCELLED, encode_reply
+from .rows import wants_reply
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +186,7 @@ class Task(ModelSQL, ModelView):
         retry gets the new outcome."""
         from trytond import backend
 
-        from .outbox import Followup
+        from .followup import Followup
         transaction = Transaction()
         cursor = transaction.connection.cursor()
         table = cls.__table__()
@@ -201,7 +202,7 @@ class Task(ModelSQL, ModelView):
                     ['pending', 0, now, now, transaction.user],
                     where=table.id.in_([r[0] for r in sub_rows])))
             for _, uuid, queue, body in sub_rows:
-                followup.resend(uuid, queue, body, _wants_reply(body))
+                followup.resend(uuid, queue, body, wants_reply(body))
         for _, uuid, _, _ in rows:
             logger.info("task %s retried", uuid)
 
@@ -216,8 +217,7 @@ class Task(ModelSQL, ModelView):
         A running call cannot be stopped: cancelling it is refused."""
         from trytond import backend
 
-        from .outbox import Followup
-        from .result import CANCELLED
+        from .followup import Followup
         transaction = Transaction()
         cursor = transaction.connection.cursor()
         table = cls.__table__()
@@ -237,7 +237,7 @@ class Task(ModelSQL, ModelView):
                         None, None, None, now, transaction.user],
                     where=table.id.in_([r[0] for r in sub_rows])))
             for _, uuid, _, body in sub_rows:
-                if _wants_reply(body):
+                if wants_reply(body):
                     followup.reply(uuid, encode_reply(uuid, error={
                                 'type': CANCELLED,
                                 'message': "task %s was cancelled" % uuid,
@@ -445,64 +445,6 @@ class Task(ModelSQL, ModelView):
                 & ((table.eta == Null) | (table.eta < before)),
                 order_by=[changed.asc], limit=limit))
         return cursor.fetchall()
-
-
-#: Columns of a row that say how its call stands and how it ended.
-OUTCOME_COLUMNS = ('uuid', 'model', 'method', 'user', 'state', 'attempts',
-    'enqueued_at', 'started_at', 'finished_at', 'result', 'error_type',
-    'error', 'error_description', 'traceback')
-
-
-def read_rows(database_name, uuids, columns=OUTCOME_COLUMNS):
-    """Return {uuid: {column: value}} of the rows of the uuids that exist.
-
-    Read in a read-only transaction of its own, so that the caller may be
-    inside a transaction of another database, or one whose snapshot is
-    older than the row (PostgreSQL's repeatable read); with SQL only, so
-    that a process which never initialised the pool of the database can
-    read them."""
-    from sql import Column, Table
-
-    from trytond import backend
-
-    # the table of async_sqs.task, as ModelSQL names it
-    table = Table('async_sqs_task')
-    rows = {}
-    with Transaction(new=True).start(
-            database_name, 0, readonly=True) as transaction:
-        cursor = transaction.connection.cursor()
-        for sub_uuids in grouped_slice(uuids, backend.MAX_QUERY_PARAMS):
-            cursor.execute(*table.select(
-                    *(Column(table, c) for c in columns),
-                    where=table.uuid.in_(list(sub_uuids))))
-            for values in cursor:
-                row = dict(zip(columns, values))
-                rows[row['uuid']] = row
-    return rows
-
-
-def task_queues(database_name):
-    """Return the names of the task queues of the database: the configured
-    queue, then every queue a decorated method names.
-
-    The pool of the database must be initialised."""
-    names = [settings.queue()]
-    pool = Pool(database_name)
-    for type_ in ('model', 'wizard', 'report'):
-        for _, cls in pool.iterobject(type=type_):
-            for options in getattr(cls, '__async_tasks__', {}).values():
-                if options.queue and options.queue not in names:
-                    names.append(options.queue)
-    return names
-
-
-def _wants_reply(body):
-    "Tell whether the call of a stored body sends a reply."
-    try:
-        return decode_call(body).reply
-    except MessageError:
-        # unreadable: a waiter, if any, should not read an old reply
-        return True
 
 
 def _for_update():

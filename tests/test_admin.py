@@ -15,7 +15,7 @@ from test_reliability import queue_depth, row
 
 from trytond.modules.async_sqs import TaskFailed, TaskHandle, sqs
 from trytond.modules.async_sqs.message import signature_attributes
-from trytond.modules.async_sqs.result import reply_queue_attributes
+from trytond.modules.async_sqs.sqs import reply_queue_attributes
 from trytond.modules.async_sqs.testing import worker
 from trytond.pool import Pool
 from trytond.transaction import Transaction

@@ -192,7 +192,7 @@ def test_stale_row_relayed(database, prefix, start_worker):
 
 def test_stale_row_sent_once_per_period(database, prefix):
     "The relay notes on a stale row that it sent it: not again at once"
-    from trytond.modules.async_sqs.worker import relay_pending
+    from trytond.modules.async_sqs.relay import relay_pending
     task_id = uuid.uuid4().hex
     queue = sqs.task_queue_name(database, 'trytond-async')
     long_ago = dt.datetime.now() - dt.timedelta(days=1)

@@ -15,7 +15,7 @@ from trytond.model.modelstorage import AccessError
 from trytond.modules.async_sqs import (
     AsyncTaskError, TaskCancelled, TaskFailed, TaskHandle, sqs)
 from trytond.modules.async_sqs.message import decode_calls
-from trytond.modules.async_sqs.result import reply_queue_attributes
+from trytond.modules.async_sqs.sqs import reply_queue_attributes
 from trytond.modules.async_sqs.task import CLEAN_SLICE, STATES
 from trytond.pool import Pool
 from trytond.transaction import Transaction

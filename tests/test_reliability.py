@@ -81,7 +81,7 @@ def test_rows_written_with_the_commit(database, prefix):
 
 def test_marked_queued_after_a_claim(database, prefix, caplog):
     "Marking rows queued gives way to a worker that ran one meanwhile"
-    from trytond.modules.async_sqs.outbox import mark_queued
+    from trytond.modules.async_sqs.rows import mark_queued
     task_ids = [uuid.uuid4().hex for _ in range(2)]
     with Transaction().start(database, USER):
         Pool().get('async_sqs.task').insert_pending([{

@@ -1,0 +1,126 @@
+# This file is part of async_sqs.  The COPYRIGHT file at the top level of
+# this repository contains the full copyright notices and license terms.
+"""What a retry or a cancel of the task model sends once its transaction
+has committed."""
+import logging
+from collections import defaultdict
+
+from trytond.transaction import Transaction
+
+from . import settings, sqs
+from .message import message_entry, signature_attributes
+from .rows import mark_queued
+
+logger = logging.getLogger(__name__)
+
+
+class Followup:
+    """What a retry or a cancel sends once its transaction has committed.
+
+    Shaped like the Outbox: kept during the transaction, sent in
+    tpc_finish, dropped in tpc_abort, one per transaction."""
+
+    def __init__(self):
+        self.resends = []
+        self.replies = []
+
+    @classmethod
+    def of(cls, transaction=None):
+        "Return the followup joined to the transaction."
+        if transaction is None:
+            transaction = Transaction()
+        return transaction.join(cls())
+
+    def __eq__(self, other):
+        return isinstance(other, Followup)
+
+    def __hash__(self):
+        return hash(Followup)
+
+    def resend(self, uuid, queue_name, body, reply):
+        """Send the body again to the queue after the commit; with reply,
+        empty the reply queue of the call first."""
+        self.resends.append((uuid, queue_name, body, reply))
+
+    def reply(self, uuid, body):
+        "Send the reply body to the reply queue of the call after the commit."
+        self.replies.append((uuid, body))
+
+    def abort(self, trans):
+        self._drop()
+
+    def tpc_begin(self, trans):
+        pass
+
+    def commit(self, trans):
+        pass
+
+    def tpc_vote(self, trans):
+        pass
+
+    def tpc_finish(self, trans):
+        resends, self.resends = self.resends, []
+        replies, self.replies = self.replies, []
+        if replies:
+            send_replies(replies)
+        if resends:
+            resend(trans.database.name, resends)
+
+    def tpc_abort(self, trans):
+        self._drop()
+
+    def sortKey(self):
+        return 'async_sqs.followup'
+
+    def _drop(self):
+        self.resends.clear()
+        self.replies.clear()
+
+
+def resend(database_name, items):
+    """Send the calls again, each alone, and mark their rows queued.
+
+    items are (uuid, queue name, body, reply). An old reply still in the
+    reply queue of a call is deleted before its message goes, so that a
+    waiter reads the outcome of the new attempt. A failure is logged: the
+    rows stay pending for the relay. In eager mode they run here."""
+    if settings.eager():
+        from . import eager
+        eager.run_rows(
+            database_name, [(u, q, b) for u, q, b, _ in items])
+        return
+    transport = sqs.client()
+    by_queue = defaultdict(list)
+    for item in items:
+        by_queue[item[1]].append(item)
+    sent = []
+    for queue_name, queue_items in by_queue.items():
+        try:
+            for uuid, _, _, reply in queue_items:
+                if reply:
+                    transport.drain(sqs.reply_queue_name(uuid))
+            url = transport.url(queue_name)
+            entries = [message_entry(str(i), body)
+                for i, (_, _, body, _) in enumerate(queue_items)]
+            for batch in sqs.batches(entries):
+                transport.send_batch(url, batch)
+                sent.append([queue_items[int(e['Id'])][0] for e in batch])
+        except Exception:
+            logger.critical(
+                "retried calls to %s could not be sent, "
+                "the relay will send them", queue_name, exc_info=True)
+    if sent:
+        mark_queued(database_name, sent)
+
+
+def send_replies(replies):
+    "Send each reply body, signed, to the reply queue of its call."
+    transport = sqs.client()
+    for uuid, body in replies:
+        try:
+            url = transport.open(
+                sqs.reply_queue_name(uuid), sqs.reply_queue_attributes())
+            transport.send(url, body, attributes=signature_attributes(body))
+        except Exception:
+            logger.error("the reply of cancelled task %s could not be sent",
+                uuid, exc_info=True)

@@ -1,0 +1,412 @@
+# This file is part of async_sqs.  The COPYRIGHT file at the top level of
+# this repository contains the full copyright notices and license terms.
+"""Running one call: claim, run, finish, retry, release, dead letter, reply.
+
+A Runner holds what a worker process needs to settle the calls it receives;
+the process feeds it messages, eager mode feeds it the calls of a commit."""
+import datetime as dt
+import logging
+import math
+import time
+import traceback
+from contextlib import nullcontext
+
+from trytond import backend, config
+from trytond.exceptions import UserError, UserWarning
+from trytond.pool import Pool
+from trytond.status import processing
+from trytond.transaction import Transaction, check_access
+
+from . import settings, sqs
+from .backoff import Outages
+from .exceptions import MessageError
+from .message import CHECK_ACCESS, encode_call, encode_reply, message_entry
+from .replies import Replies
+from .resolve import check_user, resolve_method, resolve_records
+
+logger = logging.getLogger(__name__)
+
+#: Longest visibility timeout SQS allows, in seconds.
+MAX_VISIBILITY = 43200
+#: Why a message without a task row is refused.
+NO_ROW = "no task row: the call was never committed"
+#: What run_call returns for a call that ran already.
+SKIPPED = object()
+#: Message attribute counting how often the database kept a call from
+#: running: it sets the delay of the next try, not the call's attempts.
+RELEASED_ATTRIBUTE = 'async_sqs.released'
+#: Seconds before a call the database kept from running is tried again,
+#: doubled at each release, up to RELEASE_LONGEST.
+RELEASE_FIRST = 1
+RELEASE_LONGEST = 300
+RELEASE_DOUBLINGS = 16
+
+
+def database_errors():
+    "Return the exceptions that are the database's trouble, not the call's."
+    return (backend.DatabaseOperationalError, backend.DatabaseTimeoutError)
+
+
+def task_name(call):
+    return '<Task %s %s.%s@%s>' % (
+        call.task, call.model, call.method, call.database)
+
+
+def error_payload(exc):
+    "Return the description of an exception that a reply carries."
+    if isinstance(exc, (UserError, UserWarning)):
+        return {
+            'type': 'UserError',
+            'message': exc.message,
+            'description': exc.description or '',
+            }
+    return {
+        'type': '%s.%s' % (type(exc).__module__, type(exc).__qualname__),
+        'message': str(exc),
+        'traceback': ''.join(traceback.format_exception(exc)),
+        }
+
+
+def refusal_payload(exc):
+    "Return the description of a MessageError that a reply carries."
+    return {'type': 'MessageError', 'message': exc.reason}
+
+
+class Attempt:
+    "One attempt at a call: its number, options and timing."
+
+    def __init__(self, call, received):
+        self.call = call
+        self.received = received
+        self.receive_count = received.receive_count
+        self.started_at = dt.datetime.now()
+        self.started = time.monotonic()
+        self.number = None
+        self.state = None
+        self.options = None
+
+    def duration(self):
+        return (time.monotonic() - self.started) * 1000
+
+
+class Runner:
+    """Runs calls and settles them: row, reply, dead letter, release.
+
+    delete() and the heartbeat are the process's: a runner without a
+    process (eager mode) has neither messages to delete nor to keep."""
+
+    def __init__(self, host, heartbeat):
+        self.host = host
+        self.heartbeat = heartbeat
+        self.outages = Outages()
+        self.replies = Replies(self.outages)
+
+    def outage(self, what):
+        "Return the Outage that tracks the calls of that kind."
+        return self.outages.get(what)
+
+    def try_sqs(self, what, function, *args, **kwargs):
+        """Call function; tell whether it worked, a failure logged once per
+        outage of that kind of call, never raised."""
+        return self.outages.attempt(what, function, *args, **kwargs)
+
+    def delete(self, received):
+        "Delete the message once the calls it carries are settled."
+
+    def dead_letter(self, received, reason, call=None):
+        """Copy a message the worker refuses to the dead-letter queue.
+
+        With call, only that call of a packed message goes there, alone.
+        Return whether it went: if not, the message stays where it is, to
+        be judged again when it comes back."""
+        transport = sqs.client()
+        body = received.message.get('Body') or ' '
+        if call is not None:
+            body = encode_call(call)
+        attributes = {
+            'refused': {'DataType': 'String', 'StringValue': reason[:1000]}}
+
+        def send():
+            url = transport.dead_letter_url(received.queue_name)
+            transport.send(url, body, attributes=attributes)
+        return self.try_sqs("dead letter (SendMessage)", send)
+
+    def attempt_call(self, call, received, packed):
+        """Run one call of the message and record how it ended.
+
+        Return whether the call is settled: its message may be deleted as
+        far as it goes. A call of a packed message that must come back, or
+        be parked, goes alone in a message of its own, so the others of its
+        message are not held back."""
+        name = task_name(call)
+        attempt = Attempt(call, received)
+        logger.info("%s starts", name)
+        try:
+            with processing(name):
+                reply = self.run_call(attempt)
+        except database_errors() as exc:
+            # the database's trouble, not the call's: no attempt is counted
+            # and nothing is decided; the call comes back later
+            logger.warning("%s released: the database failed for %i ms, "
+                "the call is tried again later: %s", name,
+                attempt.duration(), exc)
+            return self.release(call, received, packed)
+        except MessageError as exc:
+            return self.refuse(call, received, attempt, exc, packed)
+        except (UserError, UserWarning) as exc:
+            logger.info("%s failed after %i ms: %s", name, attempt.duration(),
+                exc, exc_info=logger.isEnabledFor(logging.DEBUG))
+            return self.fail(call, received, attempt, exc, True, packed)
+        except Exception as exc:
+            return self.fail(call, received, attempt, exc,
+                self.failed_for_good(attempt), packed)
+        if reply is SKIPPED:
+            logger.info("%s skipped: %s already", name, attempt.state)
+        else:
+            logger.info("%s done in %i ms", name, attempt.duration())
+            if call.reply:
+                self.reply(call, received, reply)
+        return True
+
+    def failed_for_good(self, attempt):
+        "Log the failure of the attempt; tell whether it was the call's last."
+        retries = attempt.options.retries if attempt.options else 0
+        number = attempt.number or attempt.receive_count
+        logger.error("%s failed after %i ms (attempt %s of %s)",
+            task_name(attempt.call), attempt.duration(), number, retries + 1,
+            exc_info=True)
+        # past max_receive_count SQS would park it before it ran again
+        return (number > retries
+            or attempt.receive_count >= settings.max_receive_count())
+
+    def refuse(self, call, received, attempt, exc, packed):
+        """Refuse a call the worker must not run: its row says failed, then
+        the waiter and the dead-letter queue are told.
+
+        Return whether the call is settled."""
+        logger.error("%s refused: %s", task_name(call), exc.reason)
+        payload = refusal_payload(exc)
+        if attempt.number is not None or exc.reason != NO_ROW:
+            if not self.record(call, 'failed', attempt, payload):
+                return self.release(call, received, packed)
+        if call.reply and exc.reason != NO_ROW:
+            self.reply(call, received, encode_reply(call.task, error=payload))
+        return self.dead_letter(
+            received, exc.reason, call if packed else None)
+
+    def fail(self, call, received, attempt, exc, final, packed):
+        """Record a failed attempt; retry later, or fail the task for good.
+
+        Return whether the call is settled. A call fails for good only once
+        its row says so: the reply and the dead letter come after."""
+        payload = error_payload(exc)
+        if final:
+            if not self.record(call, 'failed', attempt, payload):
+                return self.release(call, received, packed)
+            if call.reply:
+                self.reply(
+                    call, received, encode_reply(call.task, error=payload))
+            if isinstance(exc, (UserError, UserWarning)):
+                return True
+            # parked for an administrator to look at, and requeue
+            return self.dead_letter(
+                received, payload['message'], call if packed else None)
+        number = attempt.number or attempt.receive_count
+        backoff = attempt.options.retry_backoff * 2 ** (number - 1)
+        delay = int(min(backoff, MAX_VISIBILITY))
+        # if the row cannot say so, the message still comes back
+        self.record(call, 'queued', attempt, payload,
+            eta=dt.datetime.now() + dt.timedelta(seconds=delay))
+        logger.info("%s retries in %i s", task_name(call), delay)
+        if packed:
+            return self.send_alone(call, received, delay)
+        self.heartbeat.release(received)
+        self.try_sqs("retry (ChangeMessageVisibility)",
+            sqs.client().change_visibility_batch,
+            received.url, [received.receipt], delay)
+        return False
+
+    def release(self, call, received, packed):
+        """Give a call the database kept from running back to its queue.
+
+        It comes back after a delay that doubles with each release. A fresh
+        copy is sent, so that neither SQS's receive count, which the
+        redrive policy and the attempts go by, nor the row count it.
+        Return whether the call is settled."""
+        attributes = received.message.get('MessageAttributes') or {}
+        try:
+            released = int(attributes.get(
+                    RELEASED_ATTRIBUTE, {}).get('StringValue', 0))
+        except ValueError:
+            released = 0
+        # unsigned, so bounded before it is used
+        released = min(max(released, 0), RELEASE_DOUBLINGS)
+        delay = min(RELEASE_FIRST * 2 ** released, RELEASE_LONGEST)
+        if packed:
+            return self.send_alone(call, received, delay, released + 1)
+        self.heartbeat.release(received)
+        entry = message_entry('0', received.message['Body'], delay)
+        entry.setdefault('MessageAttributes', {})[RELEASED_ATTRIBUTE] = {
+            'DataType': 'Number', 'StringValue': str(released + 1)}
+        if self.try_sqs("release (SendMessageBatch)",
+                sqs.client().send_batch, received.url, [entry]):
+            return True
+        # not copied: the message itself comes back after its timeout
+        return False
+
+    def send_alone(self, call, received, delay, released=0):
+        """Send a call of a packed message again, alone, in delay seconds.
+
+        Beyond what SQS delays, the call carries its due time and the
+        worker that receives it holds it back. Return whether it went."""
+        eta = call.eta
+        if delay:
+            eta = dt.datetime.now() + dt.timedelta(seconds=delay)
+        elif eta is not None:
+            delay = max(0, (eta - dt.datetime.now()).total_seconds())
+        if delay <= sqs.MAX_DELAY:
+            eta = None
+        body = encode_call(call._replace(eta=eta))
+        delay = min(math.ceil(delay), sqs.MAX_DELAY)
+        entry = message_entry('0', body, delay)
+        if released:
+            entry.setdefault('MessageAttributes', {})[RELEASED_ATTRIBUTE] = {
+                'DataType': 'Number', 'StringValue': str(released)}
+        return self.try_sqs("send a call alone (SendMessageBatch)",
+            sqs.client().send_batch, received.url, [entry])
+
+    def record(self, call, state, attempt, payload=None, eta=None):
+        """Write the outcome of an attempt on the task row, as root: the
+        error payload that ended it, if any.
+
+        Return whether it is written and committed."""
+        payload = payload or {}
+        retry = config.getint('database', 'retry')
+        for count in range(retry + 1):
+            try:
+                with Transaction().start(call.database, 0):
+                    Task = Pool(call.database).get('async_sqs.task')
+                    Task.finish(call.task, state,
+                        started_at=attempt.started_at,
+                        error_type=payload.get('type'),
+                        error=payload.get('message'),
+                        error_description=payload.get('description'),
+                        traceback=payload.get('traceback'),
+                        attempts=attempt.number or attempt.receive_count,
+                        worker=self.host, eta=eta)
+                return True
+            except database_errors():
+                if count < retry:
+                    time.sleep(0.02 * (count + 1))
+                    continue
+                logger.warning("%s: the task row could not be marked %s",
+                    task_name(call), state, exc_info=True)
+            except Exception:
+                logger.error("%s: the task row could not be marked %s",
+                    task_name(call), state, exc_info=True)
+                break
+        return False
+
+    def postpone(self, call, received):
+        "Hold back a call not yet due; tell whether it was."
+        remaining = (call.eta - dt.datetime.now()).total_seconds()
+        if remaining <= 1:
+            return False
+        transport = sqs.client()
+        self.heartbeat.release(received)
+        if received.receive_count >= settings.max_receive_count() - 1:
+            # a fresh copy, lest the redrive policy count this one dead
+            if self.try_sqs("postpone (SendMessageBatch)",
+                    transport.send_batch, received.url, [message_entry(
+                            '0', received.message['Body'],
+                            min(int(remaining), sqs.MAX_DELAY))]):
+                self.delete(received)
+        else:
+            self.try_sqs("postpone (ChangeMessageVisibility)",
+                transport.change_visibility_batch,
+                received.url, [received.receipt],
+                int(min(remaining, MAX_VISIBILITY)))
+        logger.info("%s postponed, due in %i s", task_name(call), remaining)
+        return True
+
+    def run_call(self, attempt):
+        """Run the call in its own transaction, committed before return.
+
+        Return the reply body, or SKIPPED when the row says the call ran
+        already. A lock or serialization conflict runs it again at once, up
+        to [database] retry times."""
+        retry = config.getint('database', 'retry')
+        count = 0
+        while True:
+            try:
+                with Transaction().start(attempt.call.database,
+                        attempt.call.user, context=attempt.call.context):
+                    return self.run_in_transaction(attempt)
+            except backend.DatabaseOperationalError:
+                if count < retry:
+                    count += 1
+                    logger.debug("%s retry %i", task_name(attempt.call),
+                        count)
+                    time.sleep(0.02 * count)
+                    continue
+                raise
+
+    def run_in_transaction(self, attempt):
+        """Claim the row, run the call and mark the row done, in the
+        transaction of the call.
+
+        The reply is encoded inside the transaction, where records still
+        have their id."""
+        call = attempt.call
+        pool = Pool(call.database)
+        Task = pool.get('async_sqs.task')
+        # at-least-once delivery: the row lock and 'done' make a repeat a
+        # no-op
+        attempt.state, attempt.number = Task.claim(
+            call.task, attempt.receive_count, self.host)
+        if attempt.number is None:
+            if attempt.state is None:
+                raise MessageError(NO_ROW, task_id=call.task)
+            return SKIPPED
+        check_user(pool, call)
+        cls, attempt.options = resolve_method(pool, call)
+        if attempt.options.visibility_timeout is not None:
+            self.heartbeat.extend(
+                attempt.received, attempt.options.visibility_timeout)
+        args, kwargs, target = resolve_records(pool, call, cls)
+        # a call deferred from an HTTP route is checked as the RPC call of
+        # the Tryton client would be
+        checks = (check_access() if call.context.get(CHECK_ACCESS)
+            else nullcontext())
+        with checks:
+            result = getattr(target, call.method)(*args, **kwargs)
+        reply, error = None, {}
+        if call.reply:
+            reply, error = self.encode_result(call, result)
+        # the outcome lasts with the row: any process can read it, as often
+        # as it likes, once this commits
+        Task.finish(call.task, 'done', started_at=attempt.started_at,
+            attempts=attempt.number, worker=self.host, result=reply,
+            error_type=error.get('type'), error=error.get('message'),
+            traceback=error.get('traceback'))
+        return reply
+
+    def encode_result(self, call, result):
+        """Return the reply body of a result, or of the error encoding it,
+        and that error's payload (empty if none)."""
+        try:
+            return encode_reply(call.task, result), {}
+        except (TypeError, ValueError) as exc:
+            # the call's effects stand: only its result cannot travel
+            logger.error("%s: the result cannot be sent: %s",
+                task_name(call), exc)
+            payload = error_payload(exc)
+            return encode_reply(call.task, error=payload), payload
+
+    def reply(self, call, received, body):
+        "Send the reply body to the call's reply queue, now or later."
+        self.replies.send(task_name(call), call.task, received.url, body)
+
+    def send_replies(self, force=False):
+        "Send the replies not sent yet."
+        self.replies.flush(force=force)

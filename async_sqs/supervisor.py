@@ -1,0 +1,119 @@
+# This file is part of async_sqs.  The COPYRIGHT file at the top level of
+# this repository contains the full copyright notices and license terms.
+"""trytond-async-worker: the main process, which supervises the worker
+processes.
+
+Each process initialises the Tryton pool of its databases once, long-polls
+its queues from receiver threads and runs the calls one at a time, each in
+its own transaction as the recorded user with the recorded context."""
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+
+from trytond import config
+
+from . import settings
+from .message import check_signing
+from .process import WorkerProcess
+
+logger = logging.getLogger(__name__)
+
+#: mallopt parameter of glibc that caps the number of malloc arenas.
+M_ARENA_MAX = -8
+#: Malloc arenas a worker process's threads share.
+MALLOC_ARENAS = 2
+#: Seconds between two restarts of a worker process that died.
+RESTART_DELAY = 1
+
+
+def limit_malloc_arenas():
+    """Let the threads of the process share two malloc arenas.
+
+    glibc gives each thread that allocates an arena of its own; receiver
+    and heartbeat threads mostly wait, and their arenas cost megabytes of
+    resident memory per process. Elsewhere than glibc this does nothing."""
+    try:
+        libc = ctypes.CDLL('libc.so.6')
+        libc.mallopt(M_ARENA_MAX, MALLOC_ARENAS)
+    except (OSError, AttributeError):
+        pass
+
+
+def _child(options, queue_names, relay):
+    from trytond import commandline
+    limit_malloc_arenas()
+    config.update_etc(options.configfile)
+    commandline.config_log(options)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    worker = WorkerProcess(options.database_names, queue_names, relay=relay)
+    signal.signal(signal.SIGTERM, worker.stop)
+    try:
+        worker.run()
+    except Exception:
+        logger.critical("worker process failed", exc_info=True)
+        raise
+
+
+def work(options):
+    """Run the worker processes until SIGTERM or SIGINT.
+
+    A process that dies is started again; on a signal each process stops
+    taking messages, finishes the call it runs and exits."""
+    check_signing()
+    if not settings.secret():
+        logger.warning("insecure: no [async_sqs] secret, messages are "
+            "neither signed nor checked: anyone who can write to the "
+            "queues can run any decorated method as any user")
+    stopping = threading.Event()
+
+    def stop(signum, frame):
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    processes = options.processes or 1
+    logger.info("start %d worker process(es) on %s", processes,
+        ', '.join(options.database_names))
+    Supervisor(options, processes, stopping).run()
+    logger.info("stopped")
+
+
+class Supervisor:
+    "Starts the worker processes, and another for each that dies."
+
+    def __init__(self, options, processes, stopping):
+        self.options = options
+        self.processes = processes
+        self.stopping = stopping
+        self.context = multiprocessing.get_context('fork')
+        self.children = {}
+
+    def start(self, slot):
+        # one relay per worker is enough: duplicates are harmless anyway
+        process = self.context.Process(target=_child,
+            args=(self.options, self.options.queues or None, slot == 0),
+            name='trytond-async-worker-%s' % slot)
+        process.start()
+        self.children[slot] = process
+
+    def run(self):
+        for slot in range(self.processes):
+            self.start(slot)
+        while not self.stopping.wait(0.2):
+            for slot, process in list(self.children.items()):
+                if not process.is_alive():
+                    logger.critical(
+                        "worker process %s exited with %s, starting another",
+                        process.pid, process.exitcode)
+                    if self.stopping.wait(RESTART_DELAY):
+                        break
+                    self.start(slot)
+        logger.info("stopping: calls in flight finish")
+        for process in self.children.values():
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGTERM)
+        for process in self.children.values():
+            process.join()
