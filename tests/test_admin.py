@@ -15,6 +15,7 @@ from test_reliability import queue_depth, row
 
 from trytond.modules.async_sqs import TaskFailed, TaskHandle, sqs
 from trytond.modules.async_sqs.message import signature_attributes
+from trytond.modules.async_sqs.rows import task_queues
 from trytond.modules.async_sqs.sqs import reply_queue_attributes
 from trytond.modules.async_sqs.testing import worker
 from trytond.pool import Pool
@@ -49,17 +50,20 @@ def admin(database, prefix, *args, options=None):
 
 
 def queue_names(database):
-    return [sqs.task_queue_name(database, q) for q in ('trytond-async',
-            'other')]
+    "Return the default queue, the other queue, then the rest of the queues."
+    queues = ['trytond-async', 'other'] + sorted(
+        set(task_queues(database)) - {'trytond-async', 'other'})
+    return [sqs.task_queue_name(database, q) for q in queues]
 
 
 def test_status_and_create_queues(database, prefix):
     "status shows missing queues, then the real depths; create-queues twice"
-    default, other = queue_names(database)
+    names = queue_names(database)
+    default, other = names[:2]
     result = admin(database, prefix, 'status', '--json')
     assert result.returncode == 0, result.stderr
     before = json.loads(result.stdout)
-    assert [q['name'] for q in before['queues']] == [default, other]
+    assert sorted(q['name'] for q in before['queues']) == sorted(names)
     assert {q['exists'] for q in before['queues']} == {False}
     assert {q['visible'] for q in before['queues']} == {None}
     assert set(before['tasks']) == {
@@ -79,7 +83,7 @@ def test_status_and_create_queues(database, prefix):
         outputs.append(result.stdout)
         listed = transport.sqs.list_queues(QueueNamePrefix=prefix)
         assert sorted(u.rsplit('/', 1)[1] for u in listed['QueueUrls']) == (
-            sorted([default, default + '-dead', other, other + '-dead']))
+            sorted(names + [n + '-dead' for n in names]))
     assert outputs[0] == outputs[1]
     assert '%s ready, dead letters to %s-dead' % (other, other) in outputs[0]
     attributes = transport.sqs.get_queue_attributes(
@@ -152,7 +156,7 @@ def test_usage_errors(database, prefix):
 
 def test_requeue_dead(database, prefix):
     "Dead letters of failed calls run again; refused ones stay, counted"
-    default, other = queue_names(database)
+    default, other = queue_names(database)[:2]
     name, flag = 'requeue-%s' % uuid.uuid4(), 'flag-%s' % uuid.uuid4()
     transport = sqs.client()
     with worker(database):
@@ -222,7 +226,7 @@ def test_requeue_dead(database, prefix):
 
 def test_requeue_dead_limit_and_obsolete(database, prefix):
     "--limit requeues that many; a dead letter of a call done is deleted"
-    default, _ = queue_names(database)
+    default = queue_names(database)[0]
     transport = sqs.client()
     flag = 'flag-%s' % uuid.uuid4()
     with Transaction().start(database, USER):
