@@ -7,6 +7,7 @@ import json
 from decimal import Decimal
 
 import pytest
+from conftest import newest_series_only
 
 from trytond.modules.async_sqs import async_task, sqs
 from trytond.modules.async_sqs.message import (
@@ -86,6 +87,7 @@ def test_too_large_for_sqs(database, prefix):
         Transaction().rollback()
 
 
+@newest_series_only
 def test_thousand_calls_in_batches_of_ten(database, prefix):
     "1,000 calls of one transaction leave in 100 SendMessageBatch calls"
     transport = sqs.client()

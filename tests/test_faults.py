@@ -58,6 +58,7 @@ def worker_pids(worker):
     return {int(p) for p in re.findall(r'ready, pid (\d+)', worker.output())}
 
 
+@newest_series_only
 def test_paused_worker(database, prefix, start_worker, monkeypatch):
     "A worker frozen mid-call past the visibility timeout loses nothing"
     name = 'paused-%s' % uuid.uuid4()
@@ -152,6 +153,7 @@ def test_sqlite_locked_past_the_retries(
     assert queue_depth(dead) == (0, 0, 0)
 
 
+@newest_series_only
 def test_stale_row_relayed(database, prefix, start_worker):
     "A row left queued whose message is gone runs once stale_after passed"
     name = 'stale-%s' % uuid.uuid4()
