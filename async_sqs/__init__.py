@@ -6,7 +6,7 @@ import sys
 from .decorator import async_task
 from .exceptions import (
     AsyncTaskError, MessageError, ResultIgnored, ResultTimeout, TaskCancelled,
-    TaskFailed, TaskNotSent)
+    TaskFailed, TaskNotSent, TaskTimeLimit)
 from .result import TaskHandle
 
 # The server imports trytond.wsgi, then the modules: that is when the app
@@ -18,4 +18,4 @@ if 'trytond.wsgi' in sys.modules:
 __all__ = [
     'async_task', 'TaskHandle', 'AsyncTaskError', 'MessageError',
     'ResultIgnored', 'ResultTimeout', 'TaskCancelled', 'TaskFailed',
-    'TaskNotSent']
+    'TaskNotSent', 'TaskTimeLimit']

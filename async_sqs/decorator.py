@@ -22,11 +22,14 @@ logger = logging.getLogger(__name__)
 
 TaskOptions = namedtuple('TaskOptions', [
         'ignore_result', 'queue', 'visibility_timeout', 'delay', 'retries',
-        'retry_backoff', 'calls_per_message'])
+        'retry_backoff', 'calls_per_message', 'time_limit',
+        'soft_time_limit'], defaults=[None, None])
 TaskOptions.__doc__ = "The options a method is decorated with."
 
 #: Longest postponement, in seconds: SQS keeps a message 14 days at most.
 MAX_POSTPONE = 14 * 24 * 60 * 60
+#: Longest time limit, in seconds: SQS keeps a message hidden 12 hours.
+MAX_TIME_LIMIT = 43200
 
 
 def check_delay(delay, name='delay'):
@@ -40,8 +43,23 @@ def check_delay(delay, name='delay'):
     return delay
 
 
+def check_time_limits(time_limit, soft_time_limit):
+    "Raise ValueError unless the limits are within SQS's and soft < hard."
+    for name, value in [('time_limit', time_limit),
+            ('soft_time_limit', soft_time_limit)]:
+        if value is not None and not 0 <= value <= MAX_TIME_LIMIT:
+            raise ValueError(
+                "async_task %s must be within 0 to %s seconds, not %s"
+                % (name, MAX_TIME_LIMIT, value))
+    if time_limit and soft_time_limit and soft_time_limit >= time_limit:
+        raise ValueError(
+            "async_task soft_time_limit (%s s) must be below time_limit "
+            "(%s s)" % (soft_time_limit, time_limit))
+
+
 def async_task(ignore_result=True, queue=None, visibility_timeout=None,
-        delay=0, retries=0, retry_backoff=10, calls_per_message=None):
+        delay=0, retries=0, retry_backoff=10, calls_per_message=None,
+        time_limit=None, soft_time_limit=None):
     """Mark a method of a model, wizard or report as deferrable.
 
     ignore_result: False to send the return value back to the caller.
@@ -57,7 +75,12 @@ def async_task(ignore_result=True, queue=None, visibility_timeout=None,
     calls_per_message: how many calls deferred in one transaction may share
     one SQS message (1 to 100): fewer requests for many small calls, but the
     calls of a message run one after the other on one worker; the
-    configuration's calls_per_message if None."""
+    configuration's calls_per_message if None.
+    time_limit: seconds a call may run before the worker process running it
+    is ended and the call failed (0 for none); the configuration's
+    time_limit if None.
+    soft_time_limit: seconds after which TaskTimeLimit is raised inside the
+    call, so that it may clean up; below time_limit."""
     if callable(ignore_result):
         # used bare, as @async_task
         return async_task()(ignore_result)
@@ -79,10 +102,12 @@ def async_task(ignore_result=True, queue=None, visibility_timeout=None,
         raise ValueError(
             "async_task calls_per_message must be within 1 to %s, not %s"
             % (MAX_CALLS_PER_MESSAGE, calls_per_message))
+    check_time_limits(time_limit, soft_time_limit)
     options = TaskOptions(
         ignore_result=ignore_result, queue=queue,
         visibility_timeout=visibility_timeout, delay=delay, retries=retries,
-        retry_backoff=retry_backoff, calls_per_message=calls_per_message)
+        retry_backoff=retry_backoff, calls_per_message=calls_per_message,
+        time_limit=time_limit, soft_time_limit=soft_time_limit)
 
     def decorator(wrapped):
         return AsyncTask(wrapped, options)

@@ -80,6 +80,14 @@ class TaskFailed(AsyncTaskError):
         self.traceback = traceback
 
 
+class TaskTimeLimit(AsyncTaskError):
+    "Raised inside a call that ran past its soft time limit."
+
+    def __init__(self, limit):
+        super().__init__("soft time limit of %s s exceeded" % limit)
+        self.limit = limit
+
+
 class TaskCancelled(AsyncTaskError):
     "The task was cancelled before it ran."
 

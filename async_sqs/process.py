@@ -30,14 +30,14 @@ class WorkerProcess(Runner):
     "One worker process: receiver threads feeding one executor."
 
     def __init__(self, database_names, queue_names=None, prefetch=None,
-            relay=False):
+            relay=False, watch=None):
         self.database_names = database_names
         self.queue_names = queue_names
         self.prefetch = prefetch or settings.prefetch()
         self.relay = relay
         self.stopping = threading.Event()
         super().__init__('%s:%s' % (socket.gethostname(), os.getpid()),
-            Heartbeat(self.stopping))
+            Heartbeat(self.stopping), watch)
         self.buffer = queue_module.Queue()
         self.to_delete = defaultdict(list)
         self.next_relay = 0

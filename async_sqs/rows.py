@@ -102,3 +102,27 @@ def mark_queued(database_name, batches, touch=False):
             logger.error("sent calls could not be marked queued",
                 exc_info=True)
             return
+
+
+def end_past_time_limit(database_name, task_id, limit, attempt, final):
+    """Record on the row of a call whose process was ended at its time
+    limit that it failed: for good if final, else to run again when its
+    message comes back."""
+    import datetime as dt
+
+    from sql import Table
+    table = Table('async_sqs_task')
+    now = dt.datetime.now()
+    error = "time limit of %s s exceeded" % limit
+    with Transaction(new=True).start(database_name, 0) as transaction:
+        cursor = transaction.connection.cursor()
+        cursor.execute(*table.update(
+                [table.state, table.finished_at, table.attempts,
+                    table.error_type, table.error, table.traceback,
+                    table.write_date],
+                ['failed' if final else 'queued', now, attempt,
+                    'TaskTimeLimit', error, None, now],
+                where=(table.uuid == task_id)
+                & table.state.in_(['pending', 'queued', 'running'])))
+    logger.warning("<Task %s@%s> %s after %s", task_id, database_name,
+        'failed' if final else 'to run again', error)

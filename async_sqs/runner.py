@@ -20,6 +20,7 @@ from trytond.transaction import Transaction, check_access
 from . import settings, sqs
 from .backoff import Outages
 from .exceptions import MessageError
+from .limits import time_limits
 from .message import CHECK_ACCESS, encode_call, encode_reply, message_entry
 from .replies import Replies
 from .resolve import check_user, resolve_method, resolve_records
@@ -95,9 +96,11 @@ class Runner:
     delete() and the heartbeat are the process's: a runner without a
     process (eager mode) has neither messages to delete nor to keep."""
 
-    def __init__(self, host, heartbeat):
+    def __init__(self, host, heartbeat, watch=None):
         self.host = host
         self.heartbeat = heartbeat
+        # shared with the supervisor, which ends a call past its time limit
+        self.watch = watch
         self.outages = Outages()
         self.replies = Replies(self.outages)
 
@@ -171,10 +174,16 @@ class Runner:
     def failed_for_good(self, attempt):
         "Log the failure of the attempt; tell whether it was the call's last."
         retries = attempt.options.retries if attempt.options else 0
-        number = attempt.number or attempt.receive_count
         logger.error("%s failed after %i ms (attempt %s of %s)",
-            task_name(attempt.call), attempt.duration(), number, retries + 1,
+            task_name(attempt.call), attempt.duration(),
+            attempt.number or attempt.receive_count, retries + 1,
             exc_info=True)
+        return self.last_attempt(attempt)
+
+    def last_attempt(self, attempt):
+        "Tell whether a failure of the attempt would be the call's last."
+        retries = attempt.options.retries if attempt.options else 0
+        number = attempt.number or attempt.receive_count
         # past max_receive_count SQS would park it before it ran again
         return (number > retries
             or attempt.receive_count >= settings.max_receive_count())
@@ -378,7 +387,8 @@ class Runner:
         # the Tryton client would be
         checks = (check_access() if call.context.get(CHECK_ACCESS)
             else nullcontext())
-        with checks:
+        with checks, time_limits(self.watch, attempt,
+                self.last_attempt(attempt)):
             result = getattr(target, call.method)(*args, **kwargs)
         reply, error = None, {}
         if call.reply:

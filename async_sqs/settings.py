@@ -132,3 +132,9 @@ def eager():
     """True to run every deferred call in the caller's process once its
     transaction commits, without SQS (for tests and small sites)."""
     return config.getboolean(SECTION, 'eager', default=False)
+
+
+def time_limit():
+    """Seconds a call may run before its worker process is ended (0 for
+    none, up to 43200), for the methods that do not say."""
+    return _getint('time_limit', 0, 0, 43200)

@@ -16,6 +16,7 @@ import threading
 from trytond import config
 
 from . import settings
+from .limits import Watch
 from .message import check_signing
 from .process import WorkerProcess
 
@@ -42,18 +43,32 @@ def limit_malloc_arenas():
         pass
 
 
-def _child(options, queue_names, relay):
+def _child(options, queue_names, relay, watch):
     from trytond import commandline
     limit_malloc_arenas()
     config.update_etc(options.configfile)
     commandline.config_log(options)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    worker = WorkerProcess(options.database_names, queue_names, relay=relay)
+    worker = WorkerProcess(options.database_names, queue_names, relay=relay,
+        watch=watch)
     signal.signal(signal.SIGTERM, worker.stop)
     try:
         worker.run()
     except Exception:
         logger.critical("worker process failed", exc_info=True)
+        raise
+
+
+def _record_time_limit(entry):
+    from .rows import end_past_time_limit
+    try:
+        end_past_time_limit(entry['database'], entry['task'],
+            entry['limit'], entry['attempt'], entry['final'])
+    except Exception:
+        # the row stays as it was: the relay sends its call again once
+        # stale_after has passed
+        logger.critical("<Task %s@%s>: its end at the time limit could not "
+            "be recorded", entry['task'], entry['database'], exc_info=True)
         raise
 
 
@@ -90,11 +105,15 @@ class Supervisor:
         self.stopping = stopping
         self.context = multiprocessing.get_context('fork')
         self.children = {}
+        self.watches = {}
 
     def start(self, slot):
+        # a new one each time: a process ended mid-write leaves its lock
+        watch = self.watches[slot] = Watch(self.context)
         # one relay per worker is enough: duplicates are harmless anyway
         process = self.context.Process(target=_child,
-            args=(self.options, self.options.queues or None, slot == 0),
+            args=(self.options, self.options.queues or None, slot == 0,
+                watch),
             name='trytond-async-worker-%s' % slot)
         process.start()
         self.children[slot] = process
@@ -103,6 +122,7 @@ class Supervisor:
         for slot in range(self.processes):
             self.start(slot)
         while not self.stopping.wait(0.2):
+            self.end_past_time_limit()
             for slot, process in list(self.children.items()):
                 if not process.is_alive():
                     logger.critical(
@@ -112,6 +132,28 @@ class Supervisor:
                         break
                     self.start(slot)
         logger.info("stopping: calls in flight finish")
+        self.stop_children()
+
+    def end_past_time_limit(self):
+        """End the processes whose call ran past its hard time limit, and
+        record the call's end on its row, from a process of its own: the
+        supervisor holds no connection that its children would inherit."""
+        for slot, process in list(self.children.items()):
+            entry = self.watches[slot].expired()
+            if entry is None or not process.is_alive():
+                continue
+            logger.error("<Task %s@%s> ran past its time limit of %s s: "
+                "process %s is ended", entry['task'], entry['database'],
+                entry['limit'], process.pid)
+            os.kill(process.pid, signal.SIGKILL)
+            process.join(10)
+            self.watches[slot].clear()
+            recorder = self.context.Process(target=_record_time_limit,
+                args=(entry,), name='trytond-async-worker-time-limit')
+            recorder.start()
+            recorder.join(60)
+
+    def stop_children(self):
         for process in self.children.values():
             if process.is_alive():
                 os.kill(process.pid, signal.SIGTERM)
