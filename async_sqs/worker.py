@@ -808,11 +808,20 @@ class WorkerProcess:
         return args, kwargs, target
 
     def reply(self, call, received, body):
-        "Send the reply body to the call's reply queue, now or later."
-        name = sqs.reply_queue_name(call.task)
+        """Send the reply body to the call's reply queue, or to the reply
+        queue of the caller's process, now or later."""
+        if call.reply_to:
+            name = call.reply_to
+            if not sqs.is_process_reply_queue(name):
+                logger.warning("%s: no reply to %s, not a reply queue",
+                    task_name(call), name)
+                return
+        else:
+            name = sqs.reply_queue_name(call.task)
         # the reply queue lives beside the task queue: no GetQueueUrl
         url = received.url.rsplit('/', 1)[0] + '/' + name
-        self.unsent_replies.append((task_name(call), name, url, body))
+        self.unsent_replies.append(
+            (task_name(call), name, url, body, not call.reply_to))
         self.send_replies()
 
     def send_replies(self, force=False):
@@ -833,8 +842,9 @@ class WorkerProcess:
                 return
 
 
-def send_reply(name, url, body):
-    "Send a reply body to the reply queue name at url, created if missing."
+def send_reply(name, url, body, create=True):
+    """Send a reply body to the reply queue name at url, created if missing
+    and create."""
     transport = sqs.client()
     attributes = signature_attributes(body)
     try:
@@ -842,6 +852,11 @@ def send_reply(name, url, body):
     except Exception as exc:
         if not sqs.is_missing_queue(exc):
             raise
+        if not create:
+            # the process that waits has not waited yet, or has ended: the
+            # task row holds the outcome for whoever reads it
+            logger.info("reply queue %s is missing: reply dropped", name)
+            return
         # the waiter has not created it yet: either side may
         url = transport.create(name, reply_queue_attributes())
         transport.send(url, body, attributes=attributes)
