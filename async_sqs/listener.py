@@ -87,6 +87,10 @@ class Listener:
         self.turns = collections.deque()
         self.arrived = collections.OrderedDict()
         self.started = False
+        # the queue of the process has a lock of its own: a waiter does not
+        # wait for its creation to register
+        self.queue_lock = threading.RLock()
+        self.closing = False
         self._queue_name = None
         self.url = None
         self.alive_at = 0
@@ -95,7 +99,7 @@ class Listener:
     def queue_name(self):
         "The name of the reply queue of the process, made on first use."
         if self._queue_name is None:
-            with self.lock:
+            with self.queue_lock:
                 if self._queue_name is None:
                     self._queue_name = sqs.process_reply_queue_name(
                         socket.gethostname(), os.getpid(),
@@ -284,14 +288,18 @@ class Listener:
     def open_queue(self):
         "Return the URL of the reply queue of the process, created if need."
         from .result import reply_queue_attributes
-        with self.lock:
+        with self.queue_lock:
             if self.url is None:
-                atexit.register(self.close)
+                if not self.closing:
+                    # before the creation: a process that ends meanwhile
+                    # still deletes it
+                    atexit.register(self.close)
+                    self.closing = True
                 self.url = sqs.client().create(
                     self.queue_name, reply_queue_attributes())
                 self.alive_at = 0
-        self.keep_alive()
-        return self.url
+            self.keep_alive()
+            return self.url
 
     def keep_alive(self):
         "Tag the queue of the process with the time, once an interval."
@@ -318,9 +326,22 @@ class Listener:
         while True:
             try:
                 url = self.open_queue()
-                self.keep_alive()
+                with self.lock:
+                    # replies of handles that do not wait stay in the queue
+                    if not self.watches:
+                        self.changed.wait(sqs.alive_interval())
+                        continue
                 messages = transport.receive(url)
-            except Exception:
+            except Exception as exc:
+                if sqs.is_missing_queue(exc):
+                    # deleted under the process: a name of 60 s ago cannot
+                    # be created again; the calls deferred before it reply
+                    # in vain, their rows answer
+                    logger.warning("reply queue %s is gone, another one "
+                        "replaces it", self._queue_name)
+                    with self.queue_lock:
+                        self._queue_name = self.url = None
+                    continue
                 logger.warning("reply queue %s could not be read",
                     self._queue_name, exc_info=True)
                 time.sleep(1)

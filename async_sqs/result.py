@@ -187,11 +187,15 @@ class TaskHandle:
         reply was read by another handle; a call of a method that ignores
         its result ends with None."""
         self._check_waitable()
+        if self._reply is None and settings.reply_queue() == 'process':
+            from .listener import listener
+
+            # the first wait makes the queue that later replies come to
+            listener().open_queue()
         if self._reply is None:
             self._reply = self._from_row()
         if self._reply is None:
             if settings.reply_queue() == 'process':
-                from .listener import listener
                 self._reply = listener().wait(self, timeout)
             else:
                 self._reply = self._receive(timeout)
