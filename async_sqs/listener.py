@@ -112,7 +112,9 @@ class Listener:
         task_id = handle.task_id
         with self.lock:
             reply = self.arrived.pop(task_id, None)
-            if reply is not None:
+            # with the database the row decides: a reply kept may be of an
+            # attempt before a retry
+            if reply is not None and handle.database is None:
                 future.set_result(reply)
                 return future
             watch = self.watches.get(task_id)
@@ -364,4 +366,6 @@ class Listener:
         self.start()
         self.hand_out(url, sqs.client().receive(url, wait_time=0))
         with self.lock:
-            return self.arrived.pop(handle.task_id, None)
+            reply = self.arrived.pop(handle.task_id, None)
+        # with the database the row, read before, decides
+        return reply if handle.database is None else None

@@ -237,11 +237,12 @@ class Task(ModelSQL, ModelView):
                         None, None, None, now, transaction.user],
                     where=table.id.in_([r[0] for r in sub_rows])))
             for _, uuid, _, body in sub_rows:
-                if _wants_reply(body):
+                wants, reply_to = _reply_target(body)
+                if wants:
                     followup.reply(uuid, encode_reply(uuid, error={
                                 'type': CANCELLED,
                                 'message': "task %s was cancelled" % uuid,
-                                }))
+                                }), reply_to=reply_to)
         for _, uuid, _, _ in rows:
             logger.info("task %s cancelled", uuid)
 
@@ -498,11 +499,18 @@ def task_queues(database_name):
 
 def _wants_reply(body):
     "Tell whether the call of a stored body sends a reply."
+    return _reply_target(body)[0]
+
+
+def _reply_target(body):
+    """Return whether the call of a stored body sends a reply, and the queue
+    it names for it (None for the reply queue of the call)."""
     try:
-        return decode_call(body).reply
+        call = decode_call(body)
     except MessageError:
         # unreadable: a waiter, if any, should not read an old reply
-        return True
+        return True, None
+    return call.reply, call.reply_to
 
 
 def _for_update():

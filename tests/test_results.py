@@ -76,7 +76,7 @@ def wait_elsewhere(database, prefix, task_id, timeout=60):
     return json.loads(output.stdout.splitlines()[-1])
 
 
-def test_result_read_twice(database, start_worker):
+def test_result_read_twice(database, start_worker, reply_queue):
     "A result is read again, by the same handle and by new ones"
     start_worker()
     handle = defer(database, item_method('identity', {'n': 1}))
@@ -154,7 +154,7 @@ def test_unencodable_result(database, start_worker):
     assert status['error']['type'] == 'builtins.ValueError'
 
 
-def test_cancelled_from_the_row(database, prefix):
+def test_cancelled_from_the_row(database, prefix, reply_queue):
     "A cancelled task raises TaskCancelled from its row"
     handle = defer(database, item_method('identity', 'never'))
     press_cancel(database, [handle.task_id])
