@@ -265,7 +265,7 @@ def test_many_awaits(database, prefix, start_worker, reply_queue):
             # the slow calls end only once every fast one has come back
             await fast_done.wait()
             ticks_then = ticks[0]
-            await asyncio.to_thread(start_worker, queues=('gate',))
+            await asyncio.to_thread(start_worker, queues=('other',))
             return ticks_then
         ticking = asyncio.create_task(ticker())
         opening = asyncio.create_task(opener())

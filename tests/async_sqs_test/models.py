@@ -173,7 +173,7 @@ class Item(ModelSQL):
     def identity(cls, value):
         return value
 
-    @async_task(ignore_result=False, queue='gate')
+    @async_task(ignore_result=False, queue='other')
     @classmethod
     def behind_gate(cls, value):
         "Return the value, from a queue that a test serves late."
