@@ -305,12 +305,17 @@ def defer(options, wrapped, instance, args, kwargs):
     if not is_plain(context):
         raise TypeError("the context of %s.%s holds records or nests too "
             "deep: only plain data travels" % (cls.__name__, method))
+    reply_to = None
+    if (not options.ignore_result and not sqs.settings.eager()
+            and sqs.settings.reply_queue() == 'process'):
+        from .listener import process_queue_name
+        reply_to = process_queue_name()
     call = Call(
         task=uuid.uuid4().hex, database=transaction.database.name,
         user=transaction.user, context=context, model=cls.__name__,
         kind=kind, method=method, instance=record_id, args=list(args),
         kwargs=kwargs, reply=not options.ignore_result, queue=queue,
-        eta=eta if delay > sqs.MAX_DELAY else None)
+        eta=eta if delay > sqs.MAX_DELAY else None, reply_to=reply_to)
     try:
         body = encode_call(call)
     except (TypeError, ValueError) as exc:

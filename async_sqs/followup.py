@@ -42,9 +42,10 @@ class Followup:
         empty the reply queue of the call first."""
         self.resends.append((uuid, queue_name, body, reply))
 
-    def reply(self, uuid, body):
-        "Send the reply body to the reply queue of the call after the commit."
-        self.replies.append((uuid, body))
+    def reply(self, uuid, body, reply_to=None):
+        """Send the reply body to the reply queue of the call, or to the
+        queue reply_to, after the commit."""
+        self.replies.append((uuid, body, reply_to))
 
     def abort(self, trans):
         self._drop()
@@ -114,12 +115,26 @@ def resend(database_name, items):
 
 
 def send_replies(replies):
-    "Send each reply body, signed, to the reply queue of its call."
+    """Send each reply body, signed, to the reply queue of its call, or to
+    the reply queue of a process that the call names.
+
+    The queue of a process that is gone is not created again: the row
+    tells the outcome."""
     transport = sqs.client()
-    for uuid, body in replies:
+    for uuid, body, reply_to in replies:
         try:
-            url = transport.open(
-                sqs.reply_queue_name(uuid), sqs.reply_queue_attributes())
+            if reply_to:
+                if not sqs.is_process_reply_queue(reply_to):
+                    continue
+                try:
+                    url = transport.url(reply_to, create=False)
+                except Exception as exc:
+                    if sqs.is_missing_queue(exc):
+                        continue
+                    raise
+            else:
+                url = transport.open(
+                    sqs.reply_queue_name(uuid), sqs.reply_queue_attributes())
             transport.send(url, body, attributes=signature_attributes(body))
         except Exception:
             logger.error("the reply of cancelled task %s could not be sent",

@@ -38,9 +38,13 @@ _TASK_ID = re.compile(r'^[0-9a-f]{32}$')
 _MODEL = re.compile(r'^[A-Za-z0-9_.]{1,128}$')
 _METHOD = re.compile(r'^[A-Za-z_][A-Za-z0-9_]{0,127}$')
 _DATABASE = re.compile(r'^[^\x00-\x1f/\\]{1,128}$')
+_QUEUE_NAME = re.compile(r'^[A-Za-z0-9_-]{1,80}$')
 _CALL_KEYS = {
     'v', 'task', 'database', 'user', 'context', 'model', 'kind', 'method',
     'instance', 'args', 'kwargs', 'reply', 'queue', 'eta'}
+#: Keys of a call that only some calls have: older callers never wrote
+#: them, and a call without one is as an older caller meant it.
+_OPTIONAL_CALL_KEYS = {'reply_to'}
 _REPLY_KEYS = {'v', 'task', 'ok', 'result', 'error'}
 
 
@@ -51,9 +55,11 @@ class RecordRef(namedtuple('RecordRef', ['model', 'id'])):
 
 Call = namedtuple('Call', [
         'task', 'database', 'user', 'context', 'model', 'kind', 'method',
-        'instance', 'args', 'kwargs', 'reply', 'queue', 'eta'],
-    defaults=[None])
-Call.__doc__ = "The description of one deferred call: eta is naive UTC."
+        'instance', 'args', 'kwargs', 'reply', 'queue', 'eta', 'reply_to'],
+    defaults=[None, None])
+Call.__doc__ = """The description of one deferred call: eta is naive UTC;
+reply_to the name of the queue the reply goes to, None for the reply queue
+of the call."""
 
 Reply = namedtuple('Reply', ['task', 'ok', 'result', 'error'])
 Reply.__doc__ = "The outcome of one call: its result, or its error."
@@ -142,6 +148,9 @@ def encode_call(call):
             'reply': call.reply,
             'queue': call.queue,
             'eta': call.eta,
+            # absent rather than null: workers of before it refuse a key
+            # they do not know
+            **({'reply_to': call.reply_to} if call.reply_to else {}),
             })
     check_size(body)
     return body
@@ -167,7 +176,7 @@ def _parse(body, keys, message_id):
     return _check_object(_load(body, message_id), keys, message_id)
 
 
-def _check_object(data, keys, message_id):
+def _check_object(data, keys, message_id, optional=frozenset()):
     if not isinstance(data, dict):
         raise MessageError("body is not a JSON object", message_id)
     task_id = data.get('task')
@@ -177,10 +186,10 @@ def _check_object(data, keys, message_id):
         raise MessageError(
             "unknown format version %r" % (data.get('v'),),
             message_id, task_id)
-    if set(data) != keys:
+    if not keys <= set(data) <= keys | optional:
         raise MessageError(
             "fields %s are missing or unknown" % ', '.join(
-                sorted(set(data) ^ keys)), message_id, task_id)
+                sorted((set(data) ^ keys) - optional)), message_id, task_id)
     return data, task_id
 
 
@@ -219,7 +228,8 @@ def decode_calls(body, message_id=None):
 
 
 def _call_of(data, message_id):
-    data, task_id = _check_object(data, _CALL_KEYS, message_id)
+    data, task_id = _check_object(
+        data, _CALL_KEYS, message_id, _OPTIONAL_CALL_KEYS)
 
     def check(ok, reason):
         if not ok:
@@ -248,11 +258,15 @@ def _call_of(data, message_id):
     check(isinstance(data['queue'], str), "queue is not text")
     check(data['eta'] is None or isinstance(data['eta'], dt.datetime),
         "eta is not a datetime")
+    reply_to = data.get('reply_to')
+    check(reply_to is None
+        or (isinstance(reply_to, str) and _QUEUE_NAME.match(reply_to)),
+        "reply_to is not a queue name")
     return Call(task=task_id, database=database, user=user,
         context=data['context'], model=data['model'], kind=data['kind'],
         method=data['method'], instance=instance, args=data['args'],
         kwargs=data['kwargs'], reply=data['reply'], queue=data['queue'],
-        eta=data['eta'])
+        eta=data['eta'], reply_to=reply_to)
 
 
 def encode_reply(task_id, result=None, error=None):

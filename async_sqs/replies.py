@@ -23,12 +23,20 @@ class Replies:
         self.outages = outages
         self.unsent = []
 
-    def send(self, name, task_id, task_queue_url, body):
-        "Send the reply body of the task name to its reply queue."
-        queue = sqs.reply_queue_name(task_id)
+    def send(self, name, call, task_queue_url, body):
+        """Send the reply body of the task name to the reply queue of the
+        call, or to the reply queue of the process the call names."""
+        if call.reply_to:
+            queue = call.reply_to
+            if not sqs.is_process_reply_queue(queue):
+                logger.warning("%s: no reply to %s, not a reply queue",
+                    name, queue)
+                return
+        else:
+            queue = sqs.reply_queue_name(call.task)
         # the reply queue lives beside the task queue: no GetQueueUrl
         url = task_queue_url.rsplit('/', 1)[0] + '/' + queue
-        self.unsent.append((name, queue, url, body))
+        self.unsent.append((name, queue, url, body, not call.reply_to))
         self.flush()
 
     def flush(self, force=False):
@@ -36,8 +44,9 @@ class Replies:
         if not self.unsent or not (force or self.outages.get(WHAT).due()):
             return
         replies, self.unsent = self.unsent, []
-        for index, (_, queue, url, body) in enumerate(replies):
-            if not self.outages.attempt(WHAT, send_reply, queue, url, body):
+        for index, (_, queue, url, body, create) in enumerate(replies):
+            if not self.outages.attempt(
+                    WHAT, send_reply, queue, url, body, create):
                 self.unsent.extend(replies[index:])
                 if force:
                     for name, *_ in self.unsent:
@@ -45,8 +54,9 @@ class Replies:
                 return
 
 
-def send_reply(name, url, body):
-    "Send a reply body to the reply queue name at url, created if missing."
+def send_reply(name, url, body, create=True):
+    """Send a reply body to the reply queue name at url, created if missing
+    and create."""
     transport = sqs.client()
     attributes = signature_attributes(body)
     try:
@@ -54,6 +64,11 @@ def send_reply(name, url, body):
     except Exception as exc:
         if not sqs.is_missing_queue(exc):
             raise
+        if not create:
+            # the process that waits has not waited yet, or has ended: the
+            # task row holds the outcome for whoever reads it
+            logger.info("reply queue %s is missing: reply dropped", name)
+            return
         # the waiter has not created it yet: either side may
         url = transport.create(name, sqs.reply_queue_attributes())
         transport.send(url, body, attributes=attributes)

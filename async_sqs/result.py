@@ -8,7 +8,7 @@ import uuid
 
 from trytond.exceptions import UserError
 
-from . import sqs
+from . import settings, sqs
 from .exceptions import (
     MessageError, ResultIgnored, ResultTimeout, TaskCancelled, TaskFailed,
     TaskNotSent)
@@ -162,7 +162,11 @@ class TaskHandle:
         if self._reply is None:
             self._reply = self._from_row()
         if self._reply is None:
-            self._reply = self._receive(0)
+            if settings.reply_queue() == 'process':
+                from .listener import listener
+                self._reply = listener().ready(self)
+            else:
+                self._reply = self._receive(0)
         return self._reply is not None
 
     def wait(self, timeout=None):
@@ -175,12 +179,42 @@ class TaskHandle:
         reply was read by another handle; a call of a method that ignores
         its result ends with None."""
         self._check_waitable()
+        if self._reply is None and settings.reply_queue() == 'process':
+            from .listener import listener
+
+            # the first wait makes the queue that later replies come to
+            listener().open_queue()
         if self._reply is None:
             self._reply = self._from_row()
         if self._reply is None:
-            self._reply = self._receive(timeout)
+            if settings.reply_queue() == 'process':
+                self._reply = listener().wait(self, timeout)
+            else:
+                self._reply = self._receive(timeout)
             if self._reply is None:
                 raise ResultTimeout(self.task_id, timeout)
+        return self._outcome()
+
+    async def wait_async(self, timeout=None):
+        """Return the result of the call, as wait() does, without blocking
+        the event loop.
+
+        The handle is handed to the listener of the process, whose few
+        threads wait for every handle of the process: a waiter holds no
+        thread, and results come in the order they arrive."""
+        from .listener import listener
+        self._check_waitable()
+        if self._reply is None:
+            waiting = listener()
+            future = waiting.watch(self)
+            try:
+                self._reply = await asyncio.wait_for(
+                    asyncio.wrap_future(future), timeout)
+            except TimeoutError:
+                raise ResultTimeout(self.task_id, timeout) from None
+            finally:
+                if not future.done() or future.cancelled():
+                    waiting.forget(self, future)
         return self._outcome()
 
     def _from_row(self):
@@ -205,8 +239,7 @@ class TaskHandle:
         return reply
 
     def __await__(self):
-        loop = asyncio.get_running_loop()
-        return loop.run_in_executor(None, self.wait).__await__()
+        return self.wait_async().__await__()
 
     def _receive(self, timeout):
         """Return the Reply from the reply queue, or from the row once it

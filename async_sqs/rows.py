@@ -66,11 +66,18 @@ def task_queues(database_name):
 
 def wants_reply(body):
     "Tell whether the call of a stored body sends a reply."
+    return reply_target(body)[0]
+
+
+def reply_target(body):
+    """Return whether the call of a stored body sends a reply, and the queue
+    it names for it (None for the reply queue of the call)."""
     try:
-        return decode_call(body).reply
+        call = decode_call(body)
     except MessageError:
         # unreadable: a waiter, if any, should not read an old reply
-        return True
+        return True, None
+    return call.reply, call.reply_to
 
 
 def mark_queued(database_name, batches, touch=False):

@@ -414,8 +414,9 @@ class Runner:
             return encode_reply(call.task, error=payload), payload
 
     def reply(self, call, received, body):
-        "Send the reply body to the call's reply queue, now or later."
-        self.replies.send(task_name(call), call.task, received.url, body)
+        """Send the reply body to the call's reply queue, or to the reply
+        queue of the caller's process, now or later."""
+        self.replies.send(task_name(call), call, received.url, body)
 
     def send_replies(self, force=False):
         "Send the replies not sent yet."

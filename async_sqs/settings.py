@@ -77,6 +77,17 @@ def reply_ttl():
     return _getint('reply_ttl', 24 * 60 * 60, 60, 1209600)
 
 
+def reply_queue():
+    """Where the replies of the calls a process defers come back: task, a
+    queue per call, or process, one queue per waiting process."""
+    value = _get('reply_queue', default='task')
+    if value not in ('task', 'process'):
+        raise ValueError(
+            "[async_sqs] reply_queue must be task or process, not %r"
+            % value)
+    return value
+
+
 def clean_days():
     """Days a finished task row is kept before the cron deletes it
     (0 keeps them forever, up to 36500)."""

@@ -94,6 +94,33 @@ def reply_queue_prefix():
     return queue_name(settings.queue_prefix(), 'reply') + '-'
 
 
+#: Word that tells a process reply queue from the reply queue of a call.
+PROCESS_REPLY = 'process'
+#: Tag of a process reply queue: when its process last said it is alive.
+ALIVE_TAG = 'async_sqs.alive'
+_TOKEN = re.compile(r'-[0-9a-f]{8}$')
+
+
+def process_reply_queue_name(host, pid, token):
+    """Return the name of the reply queue of a waiting process: its host,
+    its pid and a random token of 8 hex digits."""
+    # the token last, as queue_name hashes a long name's tail away
+    name = queue_name(settings.queue_prefix(), 'reply', PROCESS_REPLY, host,
+        str(pid), limit=MAX_QUEUE_NAME - 9)
+    return name + '-' + token
+
+
+def is_process_reply_queue(name):
+    "Tell whether the queue name is the name of a process reply queue."
+    prefix = reply_queue_prefix() + PROCESS_REPLY + '-'
+    return name.startswith(prefix) and _TOKEN.search(name) is not None
+
+
+def alive_interval():
+    "Seconds between two tags of a process reply queue as alive."
+    return max(60, settings.reply_ttl() // 4)
+
+
 def is_reply_queue(name):
     "Tell whether the queue name is the name of a reply queue."
     prefix = reply_queue_prefix()
@@ -108,7 +135,9 @@ def sweep_reply_queues(older_than=None):
 
     A waiter deletes the reply queue it read; the queues of the calls whose
     result nobody waited for, or stopped waiting for, stay until swept. A
-    queue deleted meanwhile by its waiter is not an error."""
+    queue deleted meanwhile by its waiter is not an error. The reply queue
+    of a process goes only when its process has not tagged it alive for
+    that long: it died without deleting it."""
     if older_than is None:
         older_than = settings.reply_ttl()
     if older_than < 0:
@@ -119,10 +148,13 @@ def sweep_reply_queues(older_than=None):
     deleted = 0
     for url in transport.list_queues(reply_queue_prefix()):
         name = url.rsplit('/', 1)[-1]
-        if not is_reply_queue(name):
+        process = is_process_reply_queue(name)
+        if not process and not is_reply_queue(name):
             continue
         created = transport.created_at(url)
         if created is None or created > before:
+            continue
+        if process and transport.alive_at(url, created) > before:
             continue
         if transport.delete_queue(name, url=url):
             deleted += 1
@@ -357,6 +389,19 @@ class Transport:
                 raise
             return None
         return float(attributes['CreatedTimestamp'])
+
+    def alive_at(self, url, default):
+        "Return when the process of a reply queue tagged it alive."
+        try:
+            tags = self.sqs.list_queue_tags(QueueUrl=url).get('Tags') or {}
+        except ClientError as exc:
+            if not is_missing_queue(exc):
+                raise
+            return default
+        try:
+            return float(tags.get(ALIVE_TAG, default))
+        except ValueError:
+            return default
 
     def drain(self, name, wait_time=1):
         """Delete every message of the queue, if it exists; return how many.

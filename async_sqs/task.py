@@ -22,7 +22,7 @@ from trytond.transaction import Transaction
 from . import settings, sqs
 from .exceptions import TaskStateError
 from .message import CANCELLED, encode_reply
-from .rows import wants_reply
+from .rows import reply_target, wants_reply
 
 logger = logging.getLogger(__name__)
 
@@ -237,11 +237,12 @@ class Task(ModelSQL, ModelView):
                         None, None, None, now, transaction.user],
                     where=table.id.in_([r[0] for r in sub_rows])))
             for _, uuid, _, body in sub_rows:
-                if wants_reply(body):
+                wants, reply_to = reply_target(body)
+                if wants:
                     followup.reply(uuid, encode_reply(uuid, error={
                                 'type': CANCELLED,
                                 'message': "task %s was cancelled" % uuid,
-                                }))
+                                }), reply_to=reply_to)
         for _, uuid, _, _ in rows:
             logger.info("task %s cancelled", uuid)
 

@@ -4,7 +4,7 @@
 """Benchmark async_sqs against raw boto3, Tryton's ir.queue and Celery.
 
     bash bench/run                  # builds .venv/bench, then runs this
-    .venv/bench/bin/python bench/run.py [--quick | --full] [-n N]
+    .venv/bench/bin/python bench/run.py [--quick | --full | --await] [-n N]
         [--db sqlite | postgresql]
 
 Needs a python with trytond, boto3, wrapt, moto[server] and async_sqs
@@ -37,6 +37,14 @@ calls go round-robin to 4 queues of 500 (the _queue_ option of defer) and
 one worker listens to the 4 (--queue, repeated); both the enqueue and the
 drain -n 2 are compared with the same at 500 in one queue, measured next to
 them.
+
+--await measures only N concurrent awaits in one event loop, side by
+side: reply_queue = task, reply_queue = process, and a thread per waiter
+(loop.run_in_executor(None, handle.wait), the way of before). Each time a
+first await creates what the mode needs, then N calls are deferred in one
+transaction with 5 slow ones (half a second each) first in the queue, and
+awaited at once while a worker -n 2 runs them: all back per second, and
+the largest delay of a 10 ms ticker of the same loop.
 
 It prints one table and writes every sample as a JSON line to
 bench/results/<timestamp>.jsonl. The environment of the trytond test suite
@@ -92,6 +100,9 @@ def parse_args(argv=None):
         "over %s queues of %s, against %s in one queue (cost per task)" % (
             FULL_QUEUES * QUEUE_DEPTH, FULL_QUEUES, QUEUE_DEPTH,
             QUEUE_DEPTH))
+    parser.add_argument('--await', dest='awaits', action='store_true',
+        help="measure only N concurrent awaits in one event loop: "
+        "reply_queue = task, process, and a thread per waiter")
     parser.add_argument('-n', type=int, default=None, metavar='N',
         help="calls per measurement (default 500, 20 with --quick)")
     parser.add_argument('--repeat', type=int, default=None,
@@ -812,6 +823,68 @@ class Bench:
         self.results.add('async_sqs defer().wait() p95', calls,
             percentile(durations, 0.95), 'ms', cpu)
 
+    def async_awaits(self, n, mode):
+        """Await n results in one event loop, in the mode: task, process
+        or executor (a thread per waiter)."""
+        import asyncio
+
+        from trytond import config
+        from trytond.pool import Pool
+        from trytond.transaction import Transaction
+        prefix = self.prefix()
+        config.set('async_sqs', 'reply_queue',
+            'task' if mode == 'executor' else mode)
+        worker = self.async_worker(prefix, 2)
+
+        def defer(values, slow=0):
+            with Transaction().start(DATABASE, self.user):
+                Item = Pool().get('async_sqs.bench.item')
+                return ([Item.answer_late.defer(0.5, -1) for _ in range(slow)]
+                    + [Item.answer.defer(v) for v in values])
+
+        async def main(handles):
+            loop = asyncio.get_running_loop()
+            order, lags = [], []
+
+            async def one(handle):
+                if mode == 'executor':
+                    value = await loop.run_in_executor(None, handle.wait)
+                else:
+                    value = await handle
+                order.append(value)
+
+            async def ticker():
+                while True:
+                    t0 = time.perf_counter()
+                    await asyncio.sleep(0.01)
+                    lags.append(time.perf_counter() - t0 - 0.01)
+            ticking = asyncio.create_task(ticker())
+            t0 = time.perf_counter()
+            await asyncio.gather(*map(one, handles))
+            elapsed = time.perf_counter() - t0
+            ticking.cancel()
+            return elapsed, order, lags
+        try:
+            # the first await waits for the worker and makes the queues
+            asyncio.run(main(defer([-2])))
+            cpu0 = self.moto.cpu()
+            elapsed, order, lags = asyncio.run(main(defer(range(n), 5)))
+            cpu = self.moto.cpu() - cpu0
+        finally:
+            worker.stop()
+            config.set('async_sqs', 'reply_queue', '')
+        label = {
+            'task': 'reply_queue = task',
+            'process': 'reply_queue = process',
+            'executor': 'thread per waiter (before)',
+            }[mode]
+        self.results.add('async_sqs %s awaits, %s' % (n, label), n,
+            n / elapsed, 'task/s', cpu)
+        self.results.add('async_sqs %s awaits, %s: loop lag p95' % (
+                n, label), n, percentile(lags or [0], 0.95) * 1000, 'ms')
+        self.results.add('async_sqs %s awaits, %s: loop lag max' % (
+                n, label), n, max(lags or [0]) * 1000, 'ms')
+
     # -- ir.queue
     def queue_enqueue(self, n):
         from trytond.pool import Pool
@@ -961,6 +1034,10 @@ def run(options, directory, results):
             say("SKIPPED ir.queue and Celery: --no-peers")
         for r in range(repeat):
             say("repeat %s/%s" % (r + 1, repeat))
+            if options.awaits:
+                for mode in ('task', 'process', 'executor'):
+                    bench.async_awaits(n, mode)
+                continue
             bench.raw_send_drain(n)
             bench.raw_round_trip(options.calls)
             bench.async_enqueue(n)
@@ -981,7 +1058,8 @@ def run(options, directory, results):
         if postgres is not None:
             postgres.stop()
         moto.stop()
-    add_ratios(results, options)
+    if not options.awaits:
+        add_ratios(results, options)
 
 
 def add_ratios(results, options):

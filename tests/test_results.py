@@ -1,6 +1,7 @@
 # This file is part of async_sqs.  The COPYRIGHT file at the top level of
 # this repository contains the full copyright notices and license terms.
 "Results that last: read from the task row, by any process, as often."
+import asyncio
 import json
 import os
 import subprocess
@@ -11,14 +12,26 @@ import uuid
 import pytest
 from conftest import wait_until
 
+from trytond import config
 from trytond.exceptions import UserError
 from trytond.modules.async_sqs import (
-    ResultTimeout, TaskCancelled, TaskFailed, TaskHandle)
+    ResultTimeout, TaskCancelled, TaskFailed, TaskHandle, settings, sqs)
+from trytond.modules.async_sqs.message import decode_call
 from trytond.modules.async_sqs.result import task_status
 from trytond.pool import Pool
 from trytond.transaction import Transaction
 
 USER = 1
+#: Awaits of the test of many: fewer than the benchmark's 500, for moto.
+FAST, SLOW = 170, 30
+
+
+@pytest.fixture(params=['task', 'process'])
+def reply_queue(request):
+    "Run the test with either kind of reply queue."
+    config.set('async_sqs', 'reply_queue', request.param)
+    yield request.param
+    config.set('async_sqs', 'reply_queue', '')
 
 
 def defer(database, function, user=USER):
@@ -54,7 +67,8 @@ def wait_elsewhere(database, prefix, task_id, timeout=60):
             value = [type(exc).__name__, str(exc)]
         print(json.dumps({'outcome': value, 'state': handle.state}))
         ''')
-    env = dict(os.environ, TRYTOND_ASYNC_SQS__QUEUE_PREFIX=prefix)
+    env = dict(os.environ, TRYTOND_ASYNC_SQS__QUEUE_PREFIX=prefix,
+        TRYTOND_ASYNC_SQS__REPLY_QUEUE=settings.reply_queue())
     output = subprocess.run(
         [sys.executable, '-c', script, task_id, database, str(timeout)],
         env=env, capture_output=True, text=True, timeout=timeout + 60)
@@ -62,7 +76,7 @@ def wait_elsewhere(database, prefix, task_id, timeout=60):
     return json.loads(output.stdout.splitlines()[-1])
 
 
-def test_result_read_twice(database, start_worker):
+def test_result_read_twice(database, start_worker, reply_queue):
     "A result is read again, by the same handle and by new ones"
     start_worker()
     handle = defer(database, item_method('identity', {'n': 1}))
@@ -140,7 +154,7 @@ def test_unencodable_result(database, start_worker):
     assert status['error']['type'] == 'builtins.ValueError'
 
 
-def test_cancelled_from_the_row(database, prefix):
+def test_cancelled_from_the_row(database, prefix, reply_queue):
     "A cancelled task raises TaskCancelled from its row"
     handle = defer(database, item_method('identity', 'never'))
     press_cancel(database, [handle.task_id])
@@ -220,3 +234,104 @@ def test_status_inside_another_transaction(database, start_worker):
         assert TaskHandle(handle.task_id, database=database).wait(60) == (
             'fresh')
         assert task_status(database, handle.task_id)['result'] == 'fresh'
+
+
+def test_many_awaits(database, prefix, start_worker, reply_queue):
+    "Many awaits in one loop end as results arrive; the loop keeps running"
+    start_worker(queues=(settings.queue(),), processes=2)
+
+    def run(pool):
+        Item = pool.get('async_sqs.test.item')
+        # slow: their queue gets a worker once every fast call is back
+        slow = [Item.behind_gate.defer(-i) for i in range(SLOW)]
+        fast = [Item.identity.defer(i) for i in range(FAST)]
+        return slow, fast
+    slow, fast = defer(database, run)
+
+    async def main():
+        order, ticks, fast_done = [], [0], asyncio.Event()
+
+        async def one(handle, kind):
+            order.append((kind, await handle))
+            if kind == 'fast' and len(order) == FAST:
+                fast_done.set()
+
+        async def ticker():
+            while True:
+                await asyncio.sleep(0.01)
+                ticks[0] += 1
+
+        async def opener():
+            # the slow calls end only once every fast one has come back
+            await fast_done.wait()
+            ticks_then = ticks[0]
+            await asyncio.to_thread(start_worker, queues=('other',))
+            return ticks_then
+        ticking = asyncio.create_task(ticker())
+        opening = asyncio.create_task(opener())
+        # the slow ones first: with a thread per waiter, they would hold
+        # every thread of the pool
+        await asyncio.wait_for(asyncio.gather(
+                *[one(h, 'slow') for h in slow],
+                *[one(h, 'fast') for h in fast]), 600)
+        ticking.cancel()
+        return order, await opening, ticks[0]
+    order, ticks_at_open, ticks = asyncio.run(main())
+    assert [k for k, _ in order] == ['fast'] * FAST + ['slow'] * SLOW
+    assert sorted(v for k, v in order if k == 'fast') == list(range(FAST))
+    assert sorted(v for k, v in order if k == 'slow') == list(
+        range(-SLOW + 1, 1))
+    assert 0 < ticks_at_open < ticks
+
+
+def test_wait_async_timeout(database, reply_queue):
+    "wait_async() raises ResultTimeout and the handle can wait again"
+    handle = defer(database, item_method('identity', 'not yet'))
+
+    async def main():
+        with pytest.raises(ResultTimeout):
+            await handle.wait_async(1)
+        return handle.ready()
+    assert asyncio.run(main()) is False
+
+
+def test_process_reply_queue(database, prefix, start_worker):
+    "With reply_queue = process, replies come back on the process's queue"
+    config.set('async_sqs', 'reply_queue', 'process')
+    try:
+        worker = start_worker()
+        # the first wait creates the queue: a reply before it is dropped,
+        # and the row answers
+        first = defer(database, item_method('identity', 'first'))
+        assert first.wait(60) == 'first'
+        dropped = worker.output().count('reply dropped')
+        handles = defer(database, lambda pool: [
+                pool.get('async_sqs.test.item').identity.defer(i)
+                for i in range(5)])
+        with Transaction().start(database, 0, readonly=True):
+            Task = Pool().get('async_sqs.task')
+            bodies = [t.body for t in Task.search(
+                    [('uuid', 'in', [h.task_id for h in handles])])]
+        names = {decode_call(b).reply_to for b in bodies}
+        assert len(names) == 1
+        name, = names
+        assert sqs.is_process_reply_queue(name)
+        assert [h.wait(60) for h in handles] == list(range(5))
+        assert not any(sqs.client().sqs.list_queues(
+                    QueueNamePrefix=h.reply_queue).get('QueueUrls')
+                for h in handles)
+        # a live process's queue stays; one not alive for long goes
+        assert sqs.sweep_reply_queues(older_than=3600) == 0
+        assert sqs.client().sqs.list_queues(
+            QueueNamePrefix=name).get('QueueUrls')
+        # another process: its own queue, deleted when it exits
+        other = defer(database, item_method('identity', 'there'))
+        found = wait_elsewhere(database, prefix, other.task_id)
+        assert found['outcome'] == 'there'
+        remaining = sqs.client().sqs.list_queues(
+            QueueNamePrefix=sqs.reply_queue_prefix() + 'process').get(
+            'QueueUrls', [])
+        assert [u.rsplit('/', 1)[1] for u in remaining] == [name]
+        assert worker.output().count('reply dropped') == dropped
+    finally:
+        config.set('async_sqs', 'reply_queue', '')

@@ -26,6 +26,14 @@ class Item(ModelSQL):
         "Return the value: the round trip of a result."
         return value
 
+    @async_task(ignore_result=False)
+    @classmethod
+    def answer_late(cls, seconds, value):
+        "Return the value after seconds: a slow call."
+        import time
+        time.sleep(seconds)
+        return value
+
     @classmethod
     def queue_noop(cls, items):
         "Do nothing, for Model.__queue__.queue_noop(items) of ir.queue."
