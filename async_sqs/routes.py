@@ -26,6 +26,8 @@ from functools import wraps
 
 from werkzeug.exceptions import HTTPException
 
+from trytond import backend
+from trytond.config import config
 from trytond.exceptions import UserError
 from trytond.model import ModelStorage
 from trytond.model.exceptions import AccessError
@@ -196,7 +198,7 @@ def defer_call(request, pool, name, method, id=None):
     """Defer the call of the method and answer 202 with the task; with
     ?wait=SECONDS, answer 200 with its outcome if it ends in time."""
     timeout = wait_time(request)
-    handle = _defer(request, pool, name, method, id)
+    handle = _defer_retrying(request, pool, name, method, id)
     url = task_url(request, pool.database_name, handle.task_id)
     headers = {'Location': url}
     if timeout is None:
@@ -211,6 +213,27 @@ def defer_call(request, pool, name, method, id=None):
         reply=not handle.ignore_result)
     status['url'] = url
     return status_response(status, headers=headers)
+
+
+def _defer_retrying(request, pool, name, method, id):
+    """Defer the call; try again when its commit fails on the database.
+
+    trytond's with_transaction tries again what fails in the call, not in
+    its commit, and the outbox writes the rows at the commit (tpc_vote):
+    there SQLite, under many writers at once, times out on its lock. A
+    failed commit sent nothing, so that trying again defers the call once."""
+    retry = config.getint('database', 'retry')
+    count = 0
+    while True:
+        try:
+            return _defer(request, pool, name, method, id)
+        except backend.DatabaseOperationalError:
+            if count >= retry:
+                raise
+            count += 1
+            logger.debug("the commit of a deferred call failed, try %i",
+                count, exc_info=True)
+            time.sleep(0.02 * count)
 
 
 @with_transaction(readonly=False)
