@@ -1105,11 +1105,13 @@ class Bench:
             "SELECT count(*), count(CASE WHEN state = 'done' THEN 1 END), "
             "count(CASE WHEN attempts > 1 THEN 1 END), max(finished_at) "
             "FROM async_sqs_task")
-        say("%s: %s accepted, %s rows, %s done, %s run more than once"
+        # a second attempt is no second run: the claim of the first may
+        # have failed, and the row lock and 'done' make a repeat a no-op
+        say("%s: %s accepted, %s rows, %s done, %s claimed more than once"
             % (name, accepted, rows, done, again))
-        if not rows == done == accepted or again:
-            self.problem("%s: %s accepted calls, but %s rows, %s done and "
-                "%s run more than once" % (name, accepted, rows, done, again))
+        if not rows == done == accepted:
+            self.problem("%s: %s accepted calls, but %s rows and %s done"
+                % (name, accepted, rows, done))
         if last is None:
             return None
         _, last = span(last, last, started)
