@@ -68,7 +68,13 @@ class Outbox:
             self._after_readonly(trans)
         else:
             entries, self.entries = self.entries, []
-            dispatch(trans.database.name, entries)
+            if entries and not settings.eager():
+                # once the connection is back in the pool: marking the rows
+                # queued takes one, and commits waiting for a shared send
+                # must not hold every connection of the pool meanwhile
+                trans.atexit(dispatch, trans.database.name, entries)
+            else:
+                dispatch(trans.database.name, entries)
 
     def tpc_abort(self, trans):
         # trytond ends every read-only transaction with a rollback, even one
