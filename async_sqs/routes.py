@@ -24,6 +24,7 @@ import urllib.parse
 from base64 import urlsafe_b64decode
 from functools import wraps
 
+from botocore.exceptions import BotoCoreError, ClientError
 from werkzeug.exceptions import HTTPException
 
 from trytond import backend
@@ -352,6 +353,12 @@ def wait_for(database_name, task_id, timeout, reply):
                 TaskCancelled):
             # the outcome, if any, is on the row: the status tells it
             pass
+        except (BotoCoreError, ClientError):
+            # the call is deferred, only its reply queue failed: its row
+            # tells the outcome, read for the rest of the wait
+            logger.warning("the reply queue of task %s failed, its row is "
+                "read instead", task_id, exc_info=True)
+            reply = False
     while True:
         status = task_status(database_name, task_id)
         if (status is None or status['state'] in FINISHED or reply
