@@ -1080,6 +1080,7 @@ class Bench:
         self.sequence += 1
         cpu0, server_cpu0 = self.moto.cpu(), process_cpu(server.pid)
         log_start = len(server.output())
+        worker_start = len(worker.output()) if worker is not None else 0
         started = time.time()
         figures = self.ab(url, body, key, n, concurrency)
         server_cpu = process_cpu(server.pid) - server_cpu0
@@ -1118,9 +1119,12 @@ class Bench:
             self.problem("%s: %s failed and %s non-2xx requests, see %s"
                 % (name, figures['failed'], figures['non_2xx'],
                     self.log_path('ab')))
-        for process in filter(None, [server, worker]):
+        for process, start in [(server, log_start), (worker, worker_start)]:
+            if process is None:
+                continue
             process.check()
-            if 'Traceback' in process.output():
+            # the logs are the whole run's: this route's part
+            if 'Traceback' in process.output()[start:]:
                 self.problem("%s: a traceback in %s" % (
                         name, process.log_path))
 
