@@ -10,6 +10,7 @@ row left pending (the process died, SQS was unreachable) is sent again by the
 worker's relay, so no committed call is lost."""
 import logging
 import sys
+import threading
 from collections import defaultdict
 
 from trytond.pool import Pool
@@ -68,7 +69,13 @@ class Outbox:
             self._after_readonly(trans)
         else:
             entries, self.entries = self.entries, []
-            dispatch(trans.database.name, entries)
+            if entries and not settings.eager():
+                # once the connection is back in the pool: marking the rows
+                # queued takes one, and commits waiting for a shared send
+                # must not hold every connection of the pool meanwhile
+                trans.atexit(dispatch, trans.database.name, entries)
+            else:
+                dispatch(trans.database.name, entries)
 
     def tpc_abort(self, trans):
         # trytond ends every read-only transaction with a rollback, even one
@@ -116,8 +123,72 @@ def dispatch(database_name, entries):
     if settings.eager():
         from . import eager
         eager.run(database_name, entries)
-    else:
-        send(database_name, entries)
+    elif entries:
+        _sender.send(database_name, entries)
+
+
+class _Round:
+    "The calls of one committed transaction, waiting for a round."
+
+    def __init__(self, database_name, entries):
+        self.database_name = database_name
+        self.entries = entries
+        self.event = threading.Event()
+        self.sent = False
+
+
+class Sender:
+    """Send the calls that transactions of this process commit at the same
+    moment in shared SendMessageBatch calls.
+
+    The first commit sends at once; those that commit while it sends
+    wait, and the first of them sends all of theirs in the next round:
+    a lone commit waits for nobody, and many requests at once share
+    batches of ten and the statement that marks them queued. Each returns
+    once its calls went (or were left pending for the relay, as before)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._waiting = []
+        self._sending = False
+
+    def send(self, database_name, entries):
+        "Send the entries of a committed transaction, with any others."
+        waiter = _Round(database_name, entries)
+        with self._lock:
+            self._waiting.append(waiter)
+            lead, self._sending = not self._sending, True
+        if not lead:
+            waiter.event.wait()
+            if waiter.sent:
+                return
+            # the last round handed the next one over to this commit
+        self._round()
+
+    def _round(self):
+        with self._lock:
+            waiters, self._waiting = self._waiting, []
+        try:
+            by_database = defaultdict(list)
+            for waiter in waiters:
+                by_database[waiter.database_name].extend(waiter.entries)
+            if len(waiters) > 1:
+                logger.debug("%i commits share a round of %i call(s)",
+                    len(waiters), sum(map(len, by_database.values())))
+            for database_name, entries in by_database.items():
+                send(database_name, entries)
+        finally:
+            for waiter in waiters:
+                waiter.sent = True
+                waiter.event.set()
+            with self._lock:
+                if self._waiting:
+                    self._waiting[0].event.set()
+                else:
+                    self._sending = False
+
+
+_sender = Sender()
 
 
 def send(database_name, entries):

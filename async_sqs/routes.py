@@ -24,8 +24,11 @@ import urllib.parse
 from base64 import urlsafe_b64decode
 from functools import wraps
 
+from botocore.exceptions import BotoCoreError, ClientError
 from werkzeug.exceptions import HTTPException
 
+from trytond import backend
+from trytond.config import config
 from trytond.exceptions import UserError
 from trytond.model import ModelStorage
 from trytond.model.exceptions import AccessError
@@ -196,7 +199,7 @@ def defer_call(request, pool, name, method, id=None):
     """Defer the call of the method and answer 202 with the task; with
     ?wait=SECONDS, answer 200 with its outcome if it ends in time."""
     timeout = wait_time(request)
-    handle = _defer(request, pool, name, method, id)
+    handle = _defer_retrying(request, pool, name, method, id)
     url = task_url(request, pool.database_name, handle.task_id)
     headers = {'Location': url}
     if timeout is None:
@@ -211,6 +214,27 @@ def defer_call(request, pool, name, method, id=None):
         reply=not handle.ignore_result)
     status['url'] = url
     return status_response(status, headers=headers)
+
+
+def _defer_retrying(request, pool, name, method, id):
+    """Defer the call; try again when its commit fails on the database.
+
+    trytond's with_transaction tries again what fails in the call, not in
+    its commit, and the outbox writes the rows at the commit (tpc_vote):
+    there SQLite, under many writers at once, times out on its lock. A
+    failed commit sent nothing, so that trying again defers the call once."""
+    retry = config.getint('database', 'retry')
+    count = 0
+    while True:
+        try:
+            return _defer(request, pool, name, method, id)
+        except backend.DatabaseOperationalError:
+            if count >= retry:
+                raise
+            count += 1
+            logger.debug("the commit of a deferred call failed, try %i",
+                count, exc_info=True)
+            time.sleep(0.02 * count)
 
 
 @with_transaction(readonly=False)
@@ -329,6 +353,12 @@ def wait_for(database_name, task_id, timeout, reply):
                 TaskCancelled):
             # the outcome, if any, is on the row: the status tells it
             pass
+        except (BotoCoreError, ClientError):
+            # the call is deferred, only its reply queue failed: its row
+            # tells the outcome, read for the rest of the wait
+            logger.warning("the reply queue of task %s failed, its row is "
+                "read instead", task_id, exc_info=True)
+            reply = False
     while True:
         status = task_status(database_name, task_id)
         if (status is None or status['state'] in FINISHED or reply

@@ -4,8 +4,8 @@
 """Benchmark async_sqs against raw boto3, Tryton's ir.queue and Celery.
 
     bash bench/run                  # builds .venv/bench, then runs this
-    .venv/bench/bin/python bench/run.py [--quick | --full | --await] [-n N]
-        [--db sqlite | postgresql]
+    .venv/bench/bin/python bench/run.py [--quick | --full | --await | --http]
+        [-n N] [-c C] [--db sqlite | postgresql]
 
 Needs a python with trytond, boto3, wrapt, moto[server] and async_sqs
 installed (celery[sqs], kombu and pycurl for the Celery peer, which is
@@ -46,6 +46,19 @@ transaction with 5 slow ones (half a second each) first in the queue, and
 awaited at once while a worker -n 2 runs them: all back per second, and
 the largest delay of a 10 ms ticker of the same loop.
 
+--http runs only the HTTP load instead: with the keys of a validated
+async_sqs and rest user application, the trytond command (werkzeug's
+threaded server: a thread per connection) on a free port of 127.0.0.1 and
+a trytond-async-worker -n 2 beside it, ab -n N -c C (N=1000, C=500 unless
+given; apache2-utils installed with apt-get by scripts/lib.sh when
+missing, as root) POSTs to the fire-and-forget route (the no-op), to the
+route with ?wait=60 (the call that returns its argument) and to trytond's
+REST route, which runs that call in the request. After each run of a route
+of async_sqs it waits until every accepted call ended and checks that as
+many rows are done; it checks that no log holds a traceback, and prints
+the figures beside the seed's (347.8 and 53.9 requests/s); it exits with 1
+when a check failed.
+
 It prints one table and writes every sample as a JSON line to
 bench/results/<timestamp>.jsonl. The environment of the trytond test suite
 (TRYTOND_*, DB_NAME, ...) is ignored."""
@@ -64,6 +77,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 import uuid
 
@@ -85,6 +99,22 @@ FULL_QUEUES = 4
 QUEUE_DEPTH = 500
 #: Label of the figures of calls that share messages, ten to a message.
 PACKED = ' (10 calls per message)'
+#: --http: the model of the bench module the routes call
+ITEM = 'async_sqs.bench.item'
+#: --http: the processes of the trytond-async-worker beside the server
+HTTP_WORKERS = 2
+#: --http: the seconds the waiting route may wait (?wait=)
+HTTP_WAIT_SECONDS = 60
+#: Seconds ab waits for an answer before it counts a failure.
+AB_TIMEOUT = 120
+#: --http: the names of the figures of each route
+HTTP_FIRE = 'HTTP async_sqs fire-and-forget (202)'
+HTTP_WAIT = 'HTTP async_sqs ?wait=%s (200)' % HTTP_WAIT_SECONDS
+HTTP_REST = 'HTTP trytond REST, run in the request'
+#: The figures the seed published (tcelery-req-handler: ab -n 1000 -c 500,
+#: a 2-processor VM, Tornado, Celery and RabbitMQ, no database), req/s
+SEED_FIRE = 347.8
+SEED_WAIT = 53.9
 
 
 def say(text):
@@ -103,8 +133,16 @@ def parse_args(argv=None):
     parser.add_argument('--await', dest='awaits', action='store_true',
         help="measure only N concurrent awaits in one event loop: "
         "reply_queue = task, process, and a thread per waiter")
+    parser.add_argument('--http', action='store_true',
+        help="only the HTTP routes under ab: fire-and-forget, ?wait=%s and "
+        "trytond's REST route, served by the trytond command" % (
+            HTTP_WAIT_SECONDS))
     parser.add_argument('-n', type=int, default=None, metavar='N',
-        help="calls per measurement (default 500, 20 with --quick)")
+        help="calls per measurement (default 500, 20 with --quick, "
+        "1000 with --http)")
+    parser.add_argument('-c', type=int, default=500, metavar='C',
+        dest='concurrency',
+        help="--http: concurrent requests of ab (default 500)")
     parser.add_argument('--repeat', type=int, default=None,
         help="repeats of each measurement (default 3, 1 with --quick)")
     parser.add_argument('--calls', type=int, default=None,
@@ -119,9 +157,9 @@ def parse_args(argv=None):
         help="directory of the JSON lines file (default: bench/results)")
     options = parser.parse_args(argv)
     if options.n is None:
-        options.n = 20 if options.quick else 500
+        options.n = 20 if options.quick else 1000 if options.http else 500
     if options.repeat is None:
-        options.repeat = 1 if options.quick else 3
+        options.repeat = 1 if options.quick or options.http else 3
     if options.calls is None:
         options.calls = 10 if options.quick else 200
     return options
@@ -148,6 +186,60 @@ def link_module():
         if os.path.islink(target):
             os.unlink(target)
         os.symlink(source, target)
+
+
+def ab_path():
+    "Return the path of ab, installed with apt-get by scripts/lib.sh."
+    path = shutil.which('ab')
+    if not path:
+        say("no ab here: scripts/lib.sh installs apache2-utils")
+        subprocess.run(['bash', '-c',
+                'source scripts/lib.sh && ab_ensure_installed'],
+            cwd=ROOT, check=True)
+        path = shutil.which('ab')
+    if not path:
+        raise RuntimeError("ab not found after installing apache2-utils")
+    return path
+
+
+def parse_ab(output):
+    """Return the figures of ab's output: complete, failed, non_2xx,
+    seconds, rps, p50 and p95 (ms, of its percentile table); None if it
+    has none."""
+    import re
+
+    def number(pattern, default=None):
+        match = re.search(pattern, output, re.MULTILINE)
+        return float(match.group(1)) if match else default
+
+    figures = {
+        'complete': number(r'^Complete requests:\s+(\d+)'),
+        'failed': number(r'^Failed requests:\s+(\d+)'),
+        # only printed when there are some
+        'non_2xx': number(r'^Non-2xx responses:\s+(\d+)', 0),
+        'seconds': number(r'^Time taken for tests:\s+([0-9.]+)'),
+        'rps': number(r'^Requests per second:\s+([0-9.]+)'),
+        'p50': number(r'^\s+50%\s+(\d+)'),
+        'p95': number(r'^\s+95%\s+(\d+)'),
+        }
+    if None in figures.values():
+        return None
+    for name in ('complete', 'failed', 'non_2xx'):
+        figures[name] = int(figures[name])
+    return figures
+
+
+def status_counts(log):
+    "Return the count of each status of the requests werkzeug logged."
+    import re
+    counts = {}
+    # werkzeug colours the line of a status other than 200 on a terminal
+    # and, as here, in a file
+    for match in re.finditer(
+            r'"(?:\x1b\[[0-9;]*m)*POST [^"]*" (\d{3}) ', log):
+        status = int(match.group(1))
+        counts[status] = counts.get(status, 0) + 1
+    return counts
 
 
 def free_port():
@@ -190,6 +282,17 @@ def rss_mib(pid):
     except OSError:
         pass
     return None
+
+
+def process_cpu(pid):
+    "Return the CPU seconds of the process and of its children."
+    total = 0
+    for each in [pid] + children(pid):
+        try:
+            total += cpu_seconds(each)
+        except OSError:
+            pass
+    return total
 
 
 def child_rss(pid):
@@ -525,15 +628,20 @@ class Bench:
         self.config_path = self.write_config('bench')
         self.user = None
         self.sequence = 0
+        self.problems = []
 
     # -- setup
-    def write_config(self, prefix, name=None):
+    def write_config(self, prefix, name=None, web=None):
+        """Write the configuration of a process; web is the address the
+        trytond command listens on."""
         path = os.path.join(self.directory, (name or prefix) + '.conf')
         if self.postgres:
             database = 'uri = %s\n' % self.postgres.uri()
         else:
             database = 'uri = sqlite://\npath = %s\n' % self.directory
         with open(path, 'w') as fp:
+            if web:
+                fp.write('[web]\nlisten = %s\n\n' % web)
             fp.write('[database]\n%s\n'
                 '[queue]\nworker = True\n\n'
                 '[async_sqs]\nendpoint_url = %s\nregion = %s\n'
@@ -970,6 +1078,195 @@ class Bench:
         self.results.add(figure + ' incl. start-up', n,
             n / (last - worker.started), 'task/s', cpu, rss)
 
+    # -- HTTP routes
+    def create_keys(self):
+        """Create a validated user application key of the admin user for
+        async_sqs and one for rest; return them by application."""
+        from trytond.pool import Pool
+        from trytond.transaction import Transaction
+        with Transaction().start(DATABASE, 0):
+            Application = Pool().get('res.user.application')
+            applications = Application.create([
+                    {'user': self.user, 'application': name,
+                        'state': 'validated'}
+                    for name in ('async_sqs', 'rest')])
+            return {a.application: a.key for a in applications}
+
+    def http_server(self, prefix):
+        "Start the trytond command on a free port; wait until it answers."
+        for _ in range(3):
+            port = free_port()
+            config_path = self.write_config(prefix, 'server-%s' % prefix,
+                web='127.0.0.1:%s' % port)
+            # no -v: the log holds the errors, with their tracebacks, and
+            # not a line per request
+            server = Process([os.path.join(BIN, 'trytond'),
+                    '-c', config_path, '-d', DATABASE],
+                self.log_path('trytond'), env=self.env)
+            url = 'http://127.0.0.1:%s' % port
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                try:
+                    urllib.request.urlopen(url + '/', timeout=1).read()
+                    return server, url
+                except urllib.error.HTTPError:
+                    # any answer is an answer: it listens
+                    return server, url
+                except OSError:
+                    if server.process.poll() is not None:
+                        break
+                    time.sleep(0.1)
+            server.stop()
+        raise RuntimeError("trytond did not start:\n%s" % (
+                server.output()[-3000:]))
+
+    def ab(self, url, body, key, n, concurrency):
+        """Run ab's POST load on url; return its figures.
+
+        -l: the length of an answer varies (its timestamps), which is no
+        failure; -s: a waiting request may take longer than ab's 30 s; -r:
+        a socket error counts, it does not stop the run."""
+        body_path = os.path.join(self.directory, 'body-%s.json' % (
+                self.sequence))
+        with open(body_path, 'w') as fp:
+            json.dump(body, fp)
+        command = [ab_path(), '-n', str(n), '-c', str(concurrency), '-l',
+            '-r', '-s', str(AB_TIMEOUT), '-p', body_path,
+            '-T', 'application/json', '-H', 'Authorization: bearer %s' % key,
+            url]
+        result = subprocess.run(command, stdin=subprocess.DEVNULL,
+            capture_output=True, text=True)
+        with open(self.log_path('ab'), 'w') as fp:
+            fp.write(result.stdout + result.stderr)
+        figures = parse_ab(result.stdout)
+        if result.returncode or figures is None:
+            raise RuntimeError("ab failed (%s):\n%s" % (result.returncode,
+                    (result.stdout + result.stderr)[-3000:]))
+        return figures
+
+    def http_run(self, name, url, body, key, server, worker=None):
+        """Run the load of one route; add its figures; check that every
+        accepted call ran once and that no log holds a traceback."""
+        n, concurrency = self.options.n, self.options.concurrency
+        if worker is not None:
+            self.sql('DELETE FROM async_sqs_task')
+        self.sequence += 1
+        cpu0, server_cpu0 = self.moto.cpu(), process_cpu(server.pid)
+        log_start = len(server.output())
+        worker_start = len(worker.output()) if worker is not None else 0
+        started = time.time()
+        figures = self.ab(url, body, key, n, concurrency)
+        server_cpu = process_cpu(server.pid) - server_cpu0
+        statuses = status_counts(server.output()[log_start:])
+        say("%s: statuses in the server log %s" % (name, ', '.join(
+                    '%s x %s' % (count, status)
+                    for status, count in sorted(statuses.items()))))
+        say("%s: %s complete, %s failed, %s non-2xx in %.1f s; server "
+            "CPU %.1f ms/request" % (name, figures['complete'],
+                figures['failed'], figures['non_2xx'], figures['seconds'],
+                server_cpu * 1000 / n))
+        accepted = figures['complete'] - figures['failed'] - figures[
+            'non_2xx']
+        drained = None
+        if worker is not None:
+            drained = self.http_check(name, accepted, worker, started)
+        cpu = self.moto.cpu() - cpu0
+        extra = dict(complete=figures['complete'], failed=figures['failed'],
+            non_2xx=figures['non_2xx'], concurrency=concurrency,
+            server_cpu_s=server_cpu, statuses=statuses)
+        self.results.add('%s requests/s' % name, n, figures['rps'],
+            'req/s', cpu, **extra)
+        self.results.add('%s failed + non-2xx' % name, n,
+            figures['failed'] + figures['non_2xx'], 'req', **extra)
+        for q in (50, 95):
+            self.results.add('%s p%s' % (name, q), n, figures['p%s' % q],
+                'ms', cpu, **extra)
+        if drained is not None:
+            self.results.add('%s, all calls done' % name, accepted, drained,
+                'task/s')
+        if '?wait=' in url:
+            # ab counts a 202, the call not ended in time, as a success
+            self.results.add('%s answered 200, with the result' % name, n,
+                statuses.get(200, 0), 'req', **extra)
+        if figures['failed'] or figures['non_2xx']:
+            self.problem("%s: %s failed and %s non-2xx requests, see %s"
+                % (name, figures['failed'], figures['non_2xx'],
+                    self.log_path('ab')))
+        for process, start in [(server, log_start), (worker, worker_start)]:
+            if process is None:
+                continue
+            process.check()
+            # the logs are the whole run's: this route's part
+            if 'Traceback' in process.output()[start:]:
+                self.problem("%s: a traceback in %s" % (
+                        name, process.log_path))
+
+    def http_check(self, name, accepted, worker, started):
+        """Wait for the accepted calls to end; check each ran once.
+
+        Return the rate of the calls from the start of the load to the
+        end of the last one."""
+        try:
+            self.wait_for(lambda: self.count(
+                    "SELECT count(*) FROM async_sqs_task "
+                    "WHERE state IN ('done', 'failed', 'cancelled')")
+                >= accepted, worker, '%s drain' % name)
+        except RuntimeError as exc:
+            self.problem(str(exc))
+        (rows, done, again, last), = self.sql(
+            "SELECT count(*), count(CASE WHEN state = 'done' THEN 1 END), "
+            "count(CASE WHEN attempts > 1 THEN 1 END), max(finished_at) "
+            "FROM async_sqs_task")
+        # a second attempt is no second run: the claim of the first may
+        # have failed, and the row lock and 'done' make a repeat a no-op
+        say("%s: %s accepted, %s rows, %s done, %s claimed more than once"
+            % (name, accepted, rows, done, again))
+        if not rows == done == accepted:
+            self.problem("%s: %s accepted calls, but %s rows and %s done"
+                % (name, accepted, rows, done))
+        if last is None:
+            return None
+        _, last = span(last, last, started)
+        return accepted / (last - started)
+
+    def problem(self, text):
+        say("CHECK FAILED: %s" % text)
+        self.problems.append(text)
+        self.results.write(dict(kind='problem', text=text))
+
+    def http(self):
+        """ab against the fire-and-forget route, its ?wait= and trytond's
+        REST route, served by the trytond command beside a worker."""
+        keys = self.create_keys()
+        prefix = self.prefix()
+        server, url = self.http_server(prefix)
+        worker = self.async_worker(prefix, HTTP_WORKERS)
+        try:
+            # a first call, not counted, waits for the worker to start
+            # and opens the queues
+            request = urllib.request.Request(
+                '%s/%s/async_sqs/model/%s/answer?wait=120' % (
+                    url, DATABASE, ITEM), data=b'{"value": 0}',
+                headers={'Authorization': 'bearer %s' % keys['async_sqs'],
+                    'Content-Type': 'application/json'})
+            urllib.request.urlopen(request, timeout=130).read()
+            base = '%s/%s/async_sqs/model/%s' % (url, DATABASE, ITEM)
+            for r in range(self.options.repeat):
+                say("HTTP repeat %s/%s, -n %s -c %s" % (r + 1,
+                        self.options.repeat, self.options.n,
+                        self.options.concurrency))
+                self.http_run(HTTP_FIRE, base + '/noop', {},
+                    keys['async_sqs'], server, worker)
+                self.http_run(HTTP_WAIT, base + '/answer?wait=%s' % (
+                        HTTP_WAIT_SECONDS), {'value': 1}, keys['async_sqs'],
+                    server, worker)
+                self.http_run(HTTP_REST, '%s/%s/rest/model/%s/answer' % (
+                        url, DATABASE, ITEM), {'value': 1}, keys['rest'],
+                    server)
+        finally:
+            worker.stop()
+            server.stop()
+
 
 RESPONDER = r'''
 import json, sys, boto3
@@ -1020,6 +1317,10 @@ def run(options, directory, results):
             say("PostgreSQL on port %s" % postgres.port)
         bench = Bench(options, directory, moto, postgres, results)
         bench.create_database()
+        if options.http:
+            bench.http()
+            add_http_ratios(results)
+            return bench.problems
         n, repeat = options.n, options.repeat
         missing = None if not options.no_peers else "--no-peers"
         if missing is None:
@@ -1060,6 +1361,24 @@ def run(options, directory, results):
         moto.stop()
     if not options.awaits:
         add_ratios(results, options)
+    return bench.problems
+
+
+def add_http_ratios(results):
+    "Add the seed's figures to the table and the ratios of --http."
+    r = results.ratio
+    results.add('seed: Tornado + Celery fire-and-forget, no database', 1000,
+        SEED_FIRE, 'req/s', published=True)
+    results.add('seed: Tornado + Celery waiting, no database', 1000,
+        SEED_WAIT, 'req/s', published=True)
+    fire, wait, rest = ('%s requests/s' % name
+        for name in (HTTP_FIRE, HTTP_WAIT, HTTP_REST))
+    r('fire-and-forget / seed %s' % SEED_FIRE, fire,
+        'seed: Tornado + Celery fire-and-forget, no database')
+    r('?wait / seed %s' % SEED_WAIT, wait,
+        'seed: Tornado + Celery waiting, no database')
+    r('fire-and-forget / REST run in the request', fire, rest)
+    r('?wait / REST run in the request', wait, rest)
 
 
 def add_ratios(results, options):
@@ -1144,8 +1463,9 @@ def main(argv=None):
         "python %(python)s, trytond %(trytond)s, %(nproc)s CPU(s)" % meta)
     t0 = time.monotonic()
     directory = tempfile.mkdtemp(prefix='async_sqs_bench.')
+    problems = []
     try:
-        run(options, directory, results)
+        problems = run(options, directory, results)
     finally:
         results.close()
         if os.environ.get('BENCH_KEEP'):
@@ -1157,7 +1477,9 @@ def main(argv=None):
     print()
     say("done in %.0f s; samples in %s" % (
             time.monotonic() - t0, results.path))
-    return 0
+    for text in problems:
+        say("CHECK FAILED: %s" % text)
+    return 1 if problems else 0
 
 
 if __name__ == '__main__':

@@ -198,6 +198,32 @@ pg_ensure_installed() {
     [[ -n $(pg_bin_dir) ]] || die "postgresql installed but no initdb found"
 }
 
+# Installs Debian's apache2-utils if ab is not on the PATH (root only): the
+# load of bench/run.py --http.
+ab_ensure_installed() {
+    command -v ab >/dev/null 2>&1 && return 0
+    [[ $(id -u) == 0 ]] || die "ab not found: install the 'apache2-utils' package"
+    note "installing ab (apt-get install apache2-utils)"
+    local made_policy=
+    # Keep the package from starting a service of its own.
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+        chmod +x /usr/sbin/policy-rc.d
+        made_policy=1
+    fi
+    local rc=0 apt=(apt-get -q -o DPkg::Lock::Timeout=300)
+    { DEBIAN_FRONTEND=noninteractive "${apt[@]}" install -y --no-install-recommends apache2-utils ||
+        { DEBIAN_FRONTEND=noninteractive "${apt[@]}" update &&
+            DEBIAN_FRONTEND=noninteractive "${apt[@]}" install -y --no-install-recommends apache2-utils; }; } \
+        </dev/null >/tmp/async_sqs_apt_ab.log 2>&1 || rc=$?
+    [[ -n $made_policy ]] && rm -f /usr/sbin/policy-rc.d
+    if [[ $rc != 0 ]]; then
+        tail -n 30 /tmp/async_sqs_apt_ab.log >&2
+        die "apt-get install apache2-utils failed"
+    fi
+    command -v ab >/dev/null 2>&1 || die "apache2-utils installed but no ab found"
+}
+
 # Runs a PostgreSQL binary as the cluster owner (postgres when we are root),
 # from the cluster's temp dir (the postgres user may not read our cwd).
 pg_as_owner() {

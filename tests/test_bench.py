@@ -7,6 +7,7 @@ its own moto server, its own SQLite database in a temp dir. Timings are
 not asserted, only that the figures are there and positive."""
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,6 +33,12 @@ ROWS = [
     'async_sqs drain -n 2 (10 calls per message)',
     'async_sqs defer().wait() p50',
     'async_sqs defer().wait() p95',
+    ]
+#: Rows the HTTP run must print with a positive median, per route.
+HTTP_ROUTES = [
+    'HTTP async_sqs fire-and-forget (202)',
+    'HTTP async_sqs ?wait=60 (200)',
+    'HTTP trytond REST, run in the request',
     ]
 
 
@@ -66,3 +73,49 @@ def test_bench_quick():
         import celery  # noqa: F401
     except ImportError:
         assert 'SKIPPED Celery' in output, output
+
+
+def ab_installable():
+    "Tell whether ab is here or apt-get can install it."
+    return bool(shutil.which('ab')) or (
+        os.getuid() == 0 and bool(shutil.which('apt-get')))
+
+
+def table_rows(output):
+    "Return the median of each row of the table, by figure."
+    table = output[output.index('\nfigure '):]
+    rows = {}
+    for match in re.finditer(r'^(\S.*?)\s+(\d+)\s+([0-9.]+)\s+[0-9.]+-',
+            table, re.MULTILINE):
+        rows[match.group(1)] = (int(match.group(2)), float(match.group(3)))
+    return rows
+
+
+@newest_series_only
+@pytest.mark.skipif(backend.name != 'sqlite',
+    reason="the benchmark brings its own database")
+@pytest.mark.skipif(not ab_installable(),
+    reason="ab is missing and apt-get cannot install apache2-utils "
+    "without root")
+def test_bench_http():
+    "Test the HTTP benchmark prints positive figures and no failure"
+    with tempfile.TemporaryDirectory() as results:
+        process = subprocess.run(
+            [sys.executable, RUN, '--http', '-n', '20', '-c', '10',
+                '--results', results],
+            env=clean_env(), cwd=ROOT, capture_output=True, text=True,
+            timeout=600)
+    output = process.stdout + process.stderr
+    assert process.returncode == 0, output
+    assert 'CHECK FAILED' not in output, output
+    rows = table_rows(output)
+    for route in HTTP_ROUTES:
+        for figure in ['requests/s', 'p50', 'p95']:
+            n, median = rows['%s %s' % (route, figure)]
+            assert n == 20 and median > 0, (route, figure, n, median)
+        n, failed = rows['%s failed + non-2xx' % route]
+        assert failed == 0, (route, output)
+    for route in HTTP_ROUTES[:2]:
+        n, rate = rows['%s, all calls done' % route]
+        assert n == 20 and rate > 0, (route, n, rate)
+    assert 'fire-and-forget / seed 347.8' in output, output

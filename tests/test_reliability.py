@@ -361,3 +361,41 @@ def test_crash_under_load(database, prefix, start_worker):
             if r['uuid'] in task_ids} == {'done'}, timeout=120)
     values = sorted(v for _, v in items(database, name))
     assert values == list(range(1000))
+
+
+def test_concurrent_commits_share_batches(database, prefix, start_worker,
+        caplog):
+    "Calls committed at once by threads share rounds; each runs once"
+    name = 'shared-%s' % uuid.uuid4()
+    count = 20
+    barrier = threading.Barrier(count)
+    handles, errors = [], []
+
+    def commit(value):
+        try:
+            with Transaction(new=True).start(database, USER):
+                Item = Pool().get('async_sqs.test.item')
+                handle = Item.create_named.defer(name, value=value)
+                barrier.wait(30)
+            handles.append(handle)
+        except Exception as exc:
+            errors.append(exc)
+
+    caplog.set_level('DEBUG', logger='trytond.modules.async_sqs.outbox')
+    threads = [threading.Thread(target=commit, args=(i,))
+        for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors, errors
+    assert len(handles) == count
+    assert {h.state for h in handles} == {'sent'}
+    assert {r['state'] for r in rows(database, method='create_named')
+        if r['uuid'] in {h.task_id for h in handles}} == {'queued'}
+    # 20 commits released together: some wait while another sends
+    assert 'commits share a round' in caplog.text, caplog.text
+    start_worker()
+    found = wait_until(lambda: len(items(database, name)) >= count
+        and items(database, name))
+    assert sorted(v for _, v in found) == list(range(count))

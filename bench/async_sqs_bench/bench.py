@@ -1,14 +1,24 @@
 # This file is part of async_sqs.  The COPYRIGHT file at the top level of
 # this repository contains the full copyright notices and license terms.
 from trytond.model import ModelSQL, fields
-
 from trytond.modules.async_sqs import async_task
+from trytond.rpc import RPC
 
 
 class Item(ModelSQL):
     "Async SQS Bench Item"
     __name__ = 'async_sqs.bench.item'
     name = fields.Char("Name")
+
+    @classmethod
+    def __setup__(cls):
+        super().__setup__()
+        # the HTTP routes call only what the Tryton client may call: noop
+        # fire-and-forget, answer waited for or run in the request by REST
+        cls.__rpc__.update({
+                'noop': RPC(readonly=True),
+                'answer': RPC(readonly=True),
+                })
 
     @async_task()
     @classmethod
