@@ -237,12 +237,13 @@ class WorkerProcess(Runner):
         self.next_relay = time.monotonic() + max(1, grace / 2)
         now = dt.datetime.now()
         before = now - dt.timedelta(seconds=grace)
-        stale_before = now - dt.timedelta(seconds=settings.stale_after())
         for database_name in self.database_names:
             outage = self.outage("relay on %s" % database_name)
             if not outage.due():
                 continue
             try:
+                stale_before = now - dt.timedelta(
+                    seconds=settings.stale_after())
                 relay_pending(database_name, before, stale_before)
             except Exception as exc:
                 outage.failed(exc)

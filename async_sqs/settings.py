@@ -14,7 +14,13 @@ def _get(option, default=None):
 
 
 def _getint(option, default, low, high):
-    value = config.getint(SECTION, option, default=default)
+    # an option left empty is unset, as _get has it
+    value = _get(option)
+    try:
+        value = default if value is None else int(value)
+    except ValueError:
+        raise ValueError(
+            "[async_sqs] %s must be a whole number, not %r" % (option, value))
     if not low <= value <= high:
         raise ValueError(
             "[async_sqs] %s must be within %s to %s, not %s"

@@ -100,7 +100,10 @@ def pg_ctl(*args):
         '-D', data] + list(args)
     if os.getuid() == 0:
         command = ['runuser', '-u', 'postgres', '--'] + command
-    subprocess.run(command, check=True, cwd=os.path.dirname(data),
+    # the server outlives the test run: it must not carry the run's marker,
+    # by which the test command kills what a run left behind
+    env = {k: v for k, v in os.environ.items() if k != 'ASYNC_SQS_RUN_ID'}
+    subprocess.run(command, check=True, cwd=os.path.dirname(data), env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, timeout=120)
 
 
