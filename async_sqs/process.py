@@ -22,6 +22,7 @@ from .receiver import Heartbeat, Receiver
 from .relay import relay_pending
 from .rows import task_queues
 from .runner import Runner
+from .stopping import Stopper, start_listeners
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ class WorkerProcess(Runner):
         self.relay = relay
         self.stopping = threading.Event()
         super().__init__('%s:%s' % (socket.gethostname(), os.getpid()),
-            Heartbeat(self.stopping), watch)
+            Heartbeat(self.stopping), watch, Stopper(watch))
         self.buffer = queue_module.Queue()
         self.to_delete = defaultdict(list)
         self.next_relay = 0
@@ -67,6 +68,8 @@ class WorkerProcess(Runner):
 
     def run(self):
         self.init_pools()
+        self.stopper.install()
+        start_listeners(self.database_names, self.stopper, self.stopping)
         receivers = self.start_receivers()
         if receivers is None:
             return

@@ -10,7 +10,7 @@ from trytond.transaction import Transaction
 
 from . import settings
 from .exceptions import MessageError
-from .message import decode_call
+from .message import CANCELLED, decode_call
 
 logger = logging.getLogger(__name__)
 
@@ -115,21 +115,36 @@ def end_past_time_limit(database_name, task_id, limit, attempt, final):
     """Record on the row of a call whose process was ended at its time
     limit that it failed: for good if final, else to run again when its
     message comes back."""
+    error = "time limit of %s s exceeded" % limit
+    state = 'failed' if final else 'queued'
+    _end_ended(database_name, task_id, state, attempt, 'TaskTimeLimit',
+        error)
+    logger.warning("<Task %s@%s> %s after %s", task_id, database_name,
+        'failed' if final else 'to run again', error)
+
+
+def end_cancelled(database_name, task_id, attempt):
+    """Record on the row of a call whose process was ended because it did
+    not stop once cancelled that it is cancelled."""
+    _end_ended(database_name, task_id, 'cancelled', attempt, CANCELLED,
+        "the task was cancelled")
+    logger.warning("<Task %s@%s> cancelled: its process was ended",
+        task_id, database_name)
+
+
+def _end_ended(database_name, task_id, state, attempt, error_type, error):
+    "Write the end of a call whose process was ended on its unsettled row."
     import datetime as dt
 
     from sql import Table
     table = Table('async_sqs_task')
     now = dt.datetime.now()
-    error = "time limit of %s s exceeded" % limit
     with Transaction(new=True).start(database_name, 0) as transaction:
         cursor = transaction.connection.cursor()
         cursor.execute(*table.update(
                 [table.state, table.finished_at, table.attempts,
                     table.error_type, table.error, table.traceback,
                     table.write_date],
-                ['failed' if final else 'queued', now, attempt,
-                    'TaskTimeLimit', error, None, now],
+                [state, now, attempt, error_type, error, None, now],
                 where=(table.uuid == task_id)
                 & table.state.in_(['pending', 'queued', 'running'])))
-    logger.warning("<Task %s@%s> %s after %s", task_id, database_name,
-        'failed' if final else 'to run again', error)

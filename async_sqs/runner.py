@@ -9,7 +9,7 @@ import logging
 import math
 import time
 import traceback
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 from trytond import backend, config
 from trytond.exceptions import UserError, UserWarning
@@ -19,9 +19,10 @@ from trytond.transaction import Transaction, check_access
 
 from . import settings, sqs
 from .backoff import Outages
-from .exceptions import MessageError
+from .exceptions import MessageError, TaskCancelled
 from .limits import time_limits
-from .message import CHECK_ACCESS, encode_call, encode_reply, message_entry
+from .message import (
+    CANCELLED, CHECK_ACCESS, encode_call, encode_reply, message_entry)
 from .replies import Replies
 from .resolve import check_user, resolve_method, resolve_records
 
@@ -96,11 +97,13 @@ class Runner:
     delete() and the heartbeat are the process's: a runner without a
     process (eager mode) has neither messages to delete nor to keep."""
 
-    def __init__(self, host, heartbeat, watch=None):
+    def __init__(self, host, heartbeat, watch=None, stopper=None):
         self.host = host
         self.heartbeat = heartbeat
         # shared with the supervisor, which ends a call past its time limit
         self.watch = watch
+        # told by the stop listeners which running call was cancelled
+        self.stopper = stopper
         self.outages = Outages()
         self.replies = Replies(self.outages)
 
@@ -156,6 +159,8 @@ class Runner:
             return self.release(call, received, packed)
         except MessageError as exc:
             return self.refuse(call, received, attempt, exc, packed)
+        except TaskCancelled:
+            return self.cancelled(call, received, attempt, packed)
         except (UserError, UserWarning) as exc:
             logger.info("%s failed after %i ms: %s", name, attempt.duration(),
                 exc, exc_info=logger.isEnabledFor(logging.DEBUG))
@@ -234,6 +239,23 @@ class Runner:
             sqs.client().change_visibility_batch,
             received.url, [received.receipt], delay)
         return False
+
+    def cancelled(self, call, received, attempt, packed):
+        """Record that a call cancelled while it ran was stopped, its
+        transaction rolled back; tell its waiter.
+
+        Return whether the call is settled."""
+        logger.warning("%s cancelled after %i ms: rolled back",
+            task_name(call), attempt.duration())
+        if not self.record(call, 'cancelled', attempt,
+                {'type': CANCELLED, 'message': "the task was cancelled"}):
+            return self.release(call, received, packed)
+        if call.reply:
+            self.reply(call, received, encode_reply(call.task, error={
+                        'type': CANCELLED,
+                        'message': "task %s was cancelled" % call.task,
+                        }))
+        return True
 
     def release(self, call, received, packed):
         """Give a call the database kept from running back to its queue.
@@ -377,6 +399,22 @@ class Runner:
             if attempt.state is None:
                 raise MessageError(NO_ROW, task_id=call.task)
             return SKIPPED
+        with self.stoppable(call):
+            result = self.run_method(pool, attempt)
+        reply, error = None, {}
+        if call.reply:
+            reply, error = self.encode_result(call, result)
+        # the outcome lasts with the row: any process can read it, as often
+        # as it likes, once this commits
+        Task.finish(call.task, 'done', started_at=attempt.started_at,
+            attempts=attempt.number, worker=self.host, result=reply,
+            error_type=error.get('type'), error=error.get('message'),
+            traceback=error.get('traceback'))
+        return reply
+
+    def run_method(self, pool, attempt):
+        "Check the call, resolve its records and run its method."
+        call = attempt.call
         check_user(pool, call)
         cls, attempt.options = resolve_method(pool, call)
         if attempt.options.visibility_timeout is not None:
@@ -389,17 +427,24 @@ class Runner:
             else nullcontext())
         with checks, time_limits(self.watch, attempt,
                 self.last_attempt(attempt)):
-            result = getattr(target, call.method)(*args, **kwargs)
-        reply, error = None, {}
-        if call.reply:
-            reply, error = self.encode_result(call, result)
-        # the outcome lasts with the row: any process can read it, as often
-        # as it likes, once this commits
-        Task.finish(call.task, 'done', started_at=attempt.started_at,
-            attempts=attempt.number, worker=self.host, result=reply,
-            error_type=error.get('type'), error=error.get('message'),
-            traceback=error.get('traceback'))
-        return reply
+            return getattr(target, call.method)(*args, **kwargs)
+
+    @contextmanager
+    def stoppable(self, call):
+        """Let a cancel stop the call while the block runs.
+
+        A call that was asked to stop does not commit, even if it swallowed
+        TaskCancelled and returned."""
+        if self.stopper is None:
+            yield
+            return
+        self.stopper.start(call.database, call.task)
+        try:
+            yield
+        finally:
+            stopped = self.stopper.end()
+        if stopped:
+            raise TaskCancelled(call.task)
 
     def encode_result(self, call, result):
         """Return the reply body of a result, or of the error encoding it,

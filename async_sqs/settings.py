@@ -155,3 +155,10 @@ def time_limit():
     """Seconds a call may run before its worker process is ended (0 for
     none, up to 43200), for the methods that do not say."""
     return _getint('time_limit', 0, 0, 43200)
+
+
+def cancel_grace():
+    """Seconds a call cancelled while it runs has to stop before its
+    worker process is ended (1 to 43200)."""
+    return _getint('cancel_grace', 30, 1, 43200)
+

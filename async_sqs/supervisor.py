@@ -60,10 +60,13 @@ def _child(options, queue_names, relay, watch):
 
 
 def _record_time_limit(entry):
-    from .rows import end_past_time_limit
+    from .rows import end_cancelled, end_past_time_limit
     try:
-        end_past_time_limit(entry['database'], entry['task'],
-            entry['limit'], entry['attempt'], entry['final'])
+        if entry.get('cancelled'):
+            end_cancelled(entry['database'], entry['task'], entry['attempt'])
+        else:
+            end_past_time_limit(entry['database'], entry['task'],
+                entry['limit'], entry['attempt'], entry['final'])
     except Exception:
         # the row stays as it was: the relay sends its call again once
         # stale_after has passed
@@ -142,9 +145,14 @@ class Supervisor:
             entry = self.watches[slot].expired()
             if entry is None or not process.is_alive():
                 continue
-            logger.error("<Task %s@%s> ran past its time limit of %s s: "
-                "process %s is ended", entry['task'], entry['database'],
-                entry['limit'], process.pid)
+            if entry.get('cancelled'):
+                logger.error("<Task %s@%s> was cancelled and did not stop "
+                    "within %s s: process %s is ended", entry['task'],
+                    entry['database'], entry['limit'], process.pid)
+            else:
+                logger.error("<Task %s@%s> ran past its time limit of %s s: "
+                    "process %s is ended", entry['task'], entry['database'],
+                    entry['limit'], process.pid)
             os.kill(process.pid, signal.SIGKILL)
             process.join(10)
             self.watches[slot].clear()

@@ -23,6 +23,7 @@ from . import settings, sqs
 from .exceptions import TaskStateError
 from .message import CANCELLED, encode_reply
 from .rows import reply_target, wants_reply
+from .stopping import request_stop
 
 logger = logging.getLogger(__name__)
 
@@ -145,30 +146,50 @@ class Task(ModelSQL, ModelView):
         return '%s,%s' % (model, first)
 
     @classmethod
-    def _lock_rows(cls, tasks, states, message):
+    def _lock_rows(cls, tasks, states, message, running=False):
         """Return (id, uuid, queue, body) of the rows of tasks, locked, or
-        raise TaskStateError if one is not in one of the states."""
+        raise TaskStateError if one is not in one of the states.
+
+        With running, rows locked by a worker that runs their call are
+        skipped, not waited for: they are returned apart, as their uuids."""
         from trytond import backend
         cursor = Transaction().connection.cursor()
         table = cls.__table__()
-        selection = dict(STATES)
-        rows = []
+        rows, busy = [], []
         for sub_ids in grouped_slice(
                 [t.id for t in tasks], backend.MAX_QUERY_PARAMS):
+            sub_ids = list(sub_ids)
             query = table.select(table.id, table.uuid, table.queue,
                 table.body, table.state, table.model, table.method,
-                where=table.id.in_(list(sub_ids)))
+                where=table.id.in_(sub_ids))
             if backend.name == 'postgresql':
                 # a worker that runs the call holds this lock until it ends
-                query.for_ = _for_update()
+                query.for_ = _for_update(skip_locked=running)
             cursor.execute(*query)
-            for id_, uuid, queue, body, state, model, method in cursor:
-                if state not in states:
-                    raise TaskStateError(gettext(message,
-                            task='%s.%s %s' % (model, method, uuid),
-                            state=selection.get(state, state)))
-                rows.append((id_, uuid, queue, body))
+            locked = cursor.fetchall()
+            if running and len(locked) < len(sub_ids):
+                done = {r[0] for r in locked}
+                cursor.execute(*table.select(table.id, table.uuid,
+                        table.queue, table.body, table.state, table.model,
+                        table.method,
+                        where=table.id.in_(
+                            [i for i in sub_ids if i not in done])))
+                busy.extend(cls._check_states(
+                        cursor.fetchall(), states, message))
+            rows.extend(cls._check_states(locked, states, message))
+        if running:
+            return rows, [r[1] for r in busy]
         return rows
+
+    @classmethod
+    def _check_states(cls, rows, states, message):
+        selection = dict(STATES)
+        for id_, uuid, queue, body, state, model, method in rows:
+            if state not in states:
+                raise TaskStateError(gettext(message,
+                        task='%s.%s %s' % (model, method, uuid),
+                        state=selection.get(state, state)))
+            yield id_, uuid, queue, body
 
     @classmethod
     @ModelView.button
@@ -214,15 +235,20 @@ class Task(ModelSQL, ModelView):
         A worker that receives the message of a cancelled task deletes it
         without running the call. A call that wants a result gets, once the
         transaction commits, a reply that makes wait() raise TaskCancelled.
-        A running call cannot be stopped: cancelling it is refused."""
+
+        On PostgreSQL a call that runs is asked to stop once the transaction
+        commits: its worker raises TaskCancelled inside it, rolls it back
+        and marks its row cancelled. One that ends before the request
+        reaches it stays done."""
         from trytond import backend
 
         from .followup import Followup
         transaction = Transaction()
         cursor = transaction.connection.cursor()
         table = cls.__table__()
-        rows = cls._lock_rows(
-            tasks, CANCELLABLE, 'async_sqs.msg_task_cancel_state')
+        rows, running = cls._lock_rows(tasks, CANCELLABLE,
+            'async_sqs.msg_task_cancel_state', running=True)
+        request_stop(running)
         now = dt.datetime.now()
         followup = Followup.of(transaction)
         for sub_rows in grouped_slice(rows, backend.MAX_QUERY_PARAMS):
@@ -448,6 +474,12 @@ class Task(ModelSQL, ModelView):
         return cursor.fetchall()
 
 
-def _for_update():
+def _for_update(skip_locked=False):
     from sql import For
-    return For('UPDATE')
+
+    class ForUpdate(For):
+        __slots__ = ()
+
+        def __str__(self):
+            return super().__str__() + (' SKIP LOCKED' if skip_locked else '')
+    return ForUpdate('UPDATE')

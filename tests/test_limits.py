@@ -63,6 +63,35 @@ def test_hard_time_limit(database, prefix, start_worker):
     assert items(database, name) == []
 
 
+def test_soft_time_limit_caught(database, prefix, start_worker):
+    "A call that catches TaskTimeLimit cleans up, and what it did commits"
+    name = 'caught-%s' % uuid.uuid4()
+    start_worker()
+    with Transaction().start(database, USER):
+        handle = Pool().get('async_sqs.test.item').soft_caught.defer(name)
+    assert handle.wait(60) == 'cleaned'
+    assert items(database, name) == [(name, None)]
+    assert items(database, name + '-cleaned') == [(name + '-cleaned', None)]
+    assert row(database, handle.task_id)['state'] == 'done'
+
+
+def test_hard_time_limit_in_python(database, prefix, start_worker):
+    "A call that loops in Python code is ended at its hard limit too"
+    name = 'loop-%s' % uuid.uuid4()
+    worker = start_worker(options={'visibility_timeout': 10})
+    with Transaction().start(database, USER):
+        handle = Pool().get('async_sqs.test.item').overrun_in_python.defer(
+            name)
+    with pytest.raises(TaskFailed) as info:
+        handle.wait(90)
+    assert "time limit of 3 s exceeded" in info.value.message
+    assert items(database, name) == []
+    assert row(database, handle.task_id)['state'] == 'failed'
+    assert 'ran past its time limit of 3 s' in worker.output()
+    # another process takes its place
+    wait_until(lambda: worker.output().count('ready, pid') == 2)
+
+
 @pytest.mark.parametrize('limits, message', [
         ({'time_limit': 10, 'soft_time_limit': 10}, 'must be below'),
         ({'time_limit': 10, 'soft_time_limit': 20}, 'must be below'),
