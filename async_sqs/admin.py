@@ -20,7 +20,7 @@ from . import settings, sqs
 from .exceptions import AsyncTaskError, MessageError
 from .message import (
     KEY_ID_ATTRIBUTE, SIGNATURE_ATTRIBUTE, decode_call, decode_calls,
-    message_entry, verify)
+    message_entry, message_group, verify)
 from .rows import task_queues
 from .task import RUNNABLE, STATES
 
@@ -311,7 +311,8 @@ def requeue_dead(database_name, queue=None, limit=None, out=sys.stdout):
                         transport.drain(sqs.reply_queue_name(uuid))
                 for queue_name, bodies in by_queue.items():
                     transport.send_batch(transport.url(queue_name), [
-                            message_entry(str(i), body)
+                            message_entry(
+                                str(i), body, 0, message_group(body))
                             for i, body in enumerate(bodies)])
             if done:
                 transport.delete_batch(dead_url, done)

@@ -16,14 +16,15 @@ import wrapt
 
 from . import sqs
 from .message import (
-    MAX_CALLS_PER_MESSAGE, Call, check_signing, encode_call, is_plain)
+    MAX_CALLS_PER_MESSAGE, Call, check_signing, encode_call, is_group_id,
+    is_plain)
 
 logger = logging.getLogger(__name__)
 
 TaskOptions = namedtuple('TaskOptions', [
         'ignore_result', 'queue', 'visibility_timeout', 'delay', 'retries',
         'retry_backoff', 'calls_per_message', 'time_limit',
-        'soft_time_limit'], defaults=[None, None])
+        'soft_time_limit', 'tenant'], defaults=[None, None, None])
 TaskOptions.__doc__ = "The options a method is decorated with."
 
 #: Longest postponement, in seconds: SQS keeps a message 14 days at most.
@@ -59,7 +60,7 @@ def check_time_limits(time_limit, soft_time_limit):
 
 def async_task(ignore_result=True, queue=None, visibility_timeout=None,
         delay=0, retries=0, retry_backoff=10, calls_per_message=None,
-        time_limit=None, soft_time_limit=None):
+        time_limit=None, soft_time_limit=None, tenant=None):
     """Mark a method of a model, wizard or report as deferrable.
 
     ignore_result: False to send the return value back to the caller.
@@ -80,7 +81,12 @@ def async_task(ignore_result=True, queue=None, visibility_timeout=None,
     is ended and the call failed (0 for none); the configuration's
     time_limit if None.
     soft_time_limit: seconds after which TaskTimeLimit is raised inside the
-    call, so that it may clean up; below time_limit."""
+    call, so that it may clean up; below time_limit.
+    tenant: what the calls are grouped by in SQS's fair queues, so that one
+    tenant's burst does not hold back the others': 'company' (of the
+    caller's context), 'user', 'database', or a callable given the call's
+    records and context that returns a string; the configuration's tenant
+    if None."""
     if callable(ignore_result):
         # used bare, as @async_task
         return async_task()(ignore_result)
@@ -103,11 +109,16 @@ def async_task(ignore_result=True, queue=None, visibility_timeout=None,
             "async_task calls_per_message must be within 1 to %s, not %s"
             % (MAX_CALLS_PER_MESSAGE, calls_per_message))
     check_time_limits(time_limit, soft_time_limit)
+    if not (tenant is None or tenant in sqs.settings.TENANTS
+            or callable(tenant)):
+        raise ValueError("async_task tenant must be one of %s or a "
+            "callable, not %r" % (', '.join(sqs.settings.TENANTS), tenant))
     options = TaskOptions(
         ignore_result=ignore_result, queue=queue,
         visibility_timeout=visibility_timeout, delay=delay, retries=retries,
         retry_backoff=retry_backoff, calls_per_message=calls_per_message,
-        time_limit=time_limit, soft_time_limit=soft_time_limit)
+        time_limit=time_limit, soft_time_limit=soft_time_limit,
+        tenant=tenant)
 
     def decorator(wrapped):
         return AsyncTask(wrapped, options)
@@ -241,20 +252,51 @@ def _name_offending(wrapped, instance, args, kwargs, context):
 CALL_OPTIONS = ('_delay_', '_eta_', '_queue_')
 
 
-def describe_records(model, record_id, args):
-    "Return the records a call names, for the task row."
+def call_records(instance, args):
+    "Return the records a call names: its instance, or its first list."
     from trytond.model import Model
-    if record_id is not None:
-        return '%s,%s' % (model, record_id)
+    if isinstance(instance, Model):
+        return [instance]
     for arg in args:
         if isinstance(arg, Model):
             arg = [arg]
         if (isinstance(arg, (list, tuple)) and arg
                 and all(isinstance(r, Model) for r in arg)):
-            ids = ','.join(str(r.id) for r in arg[:20])
-            more = ',...' if len(arg) > 20 else ''
-            return '%s,%s%s' % (arg[0].__name__, ids, more)
-    return None
+            return list(arg)
+    return []
+
+
+def describe_records(records):
+    "Return the records a call names, for the task row."
+    if not records:
+        return None
+    ids = ','.join(str(r.id) for r in records[:20])
+    more = ',...' if len(records) > 20 else ''
+    return '%s,%s%s' % (records[0].__name__, ids, more)
+
+
+def tenant_of(options, records, transaction, context):
+    """Return the MessageGroupId of a call, or None.
+
+    A call without a company in its context has none."""
+    tenant = options.tenant or sqs.settings.tenant()
+    if tenant is None:
+        return None
+    if tenant == 'company':
+        value = context.get('company')
+    elif tenant == 'user':
+        value = transaction.user
+    elif tenant == 'database':
+        value = transaction.database.name
+    else:
+        value = tenant(records, context)
+    if value is None:
+        return None
+    value = str(value)
+    if not is_group_id(value):
+        raise ValueError("tenant %r is not a MessageGroupId: 1 to 128 "
+            "printable ASCII characters" % value)
+    return value
 
 
 def defer(options, wrapped, instance, args, kwargs):
@@ -310,12 +352,14 @@ def defer(options, wrapped, instance, args, kwargs):
             and sqs.settings.reply_queue() == 'process'):
         from .listener import process_queue_name
         reply_to = process_queue_name()
+    records = call_records(instance, args)
     call = Call(
         task=uuid.uuid4().hex, database=transaction.database.name,
         user=transaction.user, context=context, model=cls.__name__,
         kind=kind, method=method, instance=record_id, args=list(args),
         kwargs=kwargs, reply=not options.ignore_result, queue=queue,
-        eta=eta if delay > sqs.MAX_DELAY else None, reply_to=reply_to)
+        eta=eta if delay > sqs.MAX_DELAY else None, reply_to=reply_to,
+        tenant=tenant_of(options, records, transaction, context))
     try:
         body = encode_call(call)
     except (TypeError, ValueError) as exc:
@@ -335,7 +379,8 @@ def defer(options, wrapped, instance, args, kwargs):
         'queue': sqs.task_queue_name(call.database, queue),
         'model': call.model,
         'method': method,
-        'records': describe_records(call.model, record_id, args),
+        'records': describe_records(records),
+        'tenant': call.tenant,
         'user': call.user,
         'eta': eta,
         'body': body,

@@ -8,7 +8,7 @@ from collections import defaultdict
 from trytond.transaction import Transaction
 
 from . import settings, sqs
-from .message import message_entry, signature_attributes
+from .message import message_entry, message_group, signature_attributes
 from .rows import mark_queued
 
 logger = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def resend(database_name, items):
                 if reply:
                     transport.drain(sqs.reply_queue_name(uuid))
             url = transport.url(queue_name)
-            entries = [message_entry(str(i), body)
+            entries = [message_entry(str(i), body, 0, message_group(body))
                 for i, (_, _, body, _) in enumerate(queue_items)]
             for batch in sqs.batches(entries):
                 transport.send_batch(url, batch)

@@ -44,7 +44,9 @@ _CALL_KEYS = {
     'instance', 'args', 'kwargs', 'reply', 'queue', 'eta'}
 #: Keys of a call that only some calls have: older callers never wrote
 #: them, and a call without one is as an older caller meant it.
-_OPTIONAL_CALL_KEYS = {'reply_to'}
+_OPTIONAL_CALL_KEYS = {'reply_to', 'tenant'}
+#: What SQS allows in a MessageGroupId.
+_GROUP_ID = re.compile(r'^[!-~]{1,128}$')
 _REPLY_KEYS = {'v', 'task', 'ok', 'result', 'error'}
 
 
@@ -55,11 +57,12 @@ class RecordRef(namedtuple('RecordRef', ['model', 'id'])):
 
 Call = namedtuple('Call', [
         'task', 'database', 'user', 'context', 'model', 'kind', 'method',
-        'instance', 'args', 'kwargs', 'reply', 'queue', 'eta', 'reply_to'],
-    defaults=[None, None])
+        'instance', 'args', 'kwargs', 'reply', 'queue', 'eta', 'reply_to',
+        'tenant'],
+    defaults=[None, None, None])
 Call.__doc__ = """The description of one deferred call: eta is naive UTC;
 reply_to the name of the queue the reply goes to, None for the reply queue
-of the call."""
+of the call; tenant the MessageGroupId its messages carry, if any."""
 
 Reply = namedtuple('Reply', ['task', 'ok', 'result', 'error'])
 Reply.__doc__ = "The outcome of one call: its result, or its error."
@@ -151,6 +154,7 @@ def encode_call(call):
             # absent rather than null: workers of before it refuse a key
             # they do not know
             **({'reply_to': call.reply_to} if call.reply_to else {}),
+            **({'tenant': call.tenant} if call.tenant else {}),
             })
     check_size(body)
     return body
@@ -262,11 +266,29 @@ def _call_of(data, message_id):
     check(reply_to is None
         or (isinstance(reply_to, str) and _QUEUE_NAME.match(reply_to)),
         "reply_to is not a queue name")
+    tenant = data.get('tenant')
+    check(tenant is None or is_group_id(tenant), "tenant is malformed")
     return Call(task=task_id, database=database, user=user,
         context=data['context'], model=data['model'], kind=data['kind'],
         method=data['method'], instance=instance, args=data['args'],
         kwargs=data['kwargs'], reply=data['reply'], queue=data['queue'],
-        eta=data['eta'], reply_to=reply_to)
+        eta=data['eta'], reply_to=reply_to, tenant=tenant)
+
+
+def is_group_id(value):
+    "Tell whether value can be the MessageGroupId of a message."
+    return isinstance(value, str) and bool(_GROUP_ID.match(value))
+
+
+def message_group(body):
+    """Return the tenant of the call a stored body carries, or None.
+
+    For the calls sent again from their row, rarely: it decodes the
+    body."""
+    try:
+        return decode_call(body).tenant
+    except MessageError:
+        return None
 
 
 def encode_reply(task_id, result=None, error=None):
@@ -380,12 +402,15 @@ def verify(message):
         raise MessageError("signature does not match the body", message_id)
 
 
-def message_entry(id_, body, delay=0):
-    "Return a SendMessageBatch entry, signed."
+def message_entry(id_, body, delay=0, group=None):
+    """Return a SendMessageBatch entry, signed; group is its
+    MessageGroupId: SQS shares the workers fairly between groups."""
     entry = {'Id': id_, 'MessageBody': body,
         'MessageAttributes': signature_attributes(body)}
     if not entry['MessageAttributes']:
         del entry['MessageAttributes']
     if delay:
         entry['DelaySeconds'] = delay
+    if group:
+        entry['MessageGroupId'] = group
     return entry

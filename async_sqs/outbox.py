@@ -210,8 +210,8 @@ def send(database_name, entries):
             for i, members in enumerate(pack(items)):
                 body = (members[0][0]['body'] if len(members) == 1
                     else pack_bodies([row['body'] for row, *_ in members]))
-                message_entries.append(
-                    message_entry(str(i), body, members[0][2]))
+                message_entries.append(message_entry(str(i), body,
+                        members[0][2], members[0][0].get('tenant')))
                 messages[str(i)] = members
             for batch in sqs.batches(message_entries):
                 transport.send_batch(url, batch)
@@ -236,8 +236,9 @@ def pack(items):
     """Return the items of one queue grouped into the messages they go in.
 
     items are (row, handle, delay, calls_per_message). A call goes with
-    others when it allows it and is not delayed, as long as the message
-    stays within what every call in it allows and within MAX_PACKED_SIZE."""
+    others of its tenant when it allows it and is not delayed, as long as
+    the message stays within what every call in it allows and within
+    MAX_PACKED_SIZE."""
     messages, members, limit, size = [], [], 0, 2
     for item in items:
         row, _, delay, calls_per_message = item
@@ -248,7 +249,8 @@ def pack(items):
         limit = min(limit, calls_per_message) if members else (
             calls_per_message)
         if members and (len(members) >= limit
-                or size + body_size > MAX_PACKED_SIZE):
+                or size + body_size > MAX_PACKED_SIZE
+                or row.get('tenant') != members[0][0].get('tenant')):
             messages.append(members)
             members, limit, size = [], calls_per_message, 2
         members.append(item)

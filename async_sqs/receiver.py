@@ -29,6 +29,11 @@ class Received:
         return self.message['ReceiptHandle']
 
     @property
+    def group(self):
+        "The MessageGroupId of the message, or None."
+        return self.message.get('Attributes', {}).get('MessageGroupId')
+
+    @property
     def receive_count(self):
         try:
             return int(self.message.get('Attributes', {}).get(

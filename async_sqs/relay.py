@@ -9,7 +9,7 @@ from trytond.pool import Pool
 from trytond.transaction import Transaction
 
 from . import sqs
-from .message import message_entry
+from .message import message_entry, message_group
 from .rows import mark_queued
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def relay_pending(database_name, before, stale_before=None):
     sent = []
     for queue_name, items in by_queue.items():
         url = transport.url(queue_name)
-        entries = [message_entry(str(i), body, delay)
+        entries = [message_entry(str(i), body, delay, message_group(body))
             for i, (_, body, delay) in enumerate(items)]
         for batch in sqs.batches(entries):
             transport.send_batch(url, batch)

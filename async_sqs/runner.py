@@ -276,7 +276,8 @@ class Runner:
         if packed:
             return self.send_alone(call, received, delay, released + 1)
         self.heartbeat.release(received)
-        entry = message_entry('0', received.message['Body'], delay)
+        entry = message_entry(
+            '0', received.message['Body'], delay, received.group)
         entry.setdefault('MessageAttributes', {})[RELEASED_ATTRIBUTE] = {
             'DataType': 'Number', 'StringValue': str(released + 1)}
         if self.try_sqs("release (SendMessageBatch)",
@@ -299,7 +300,7 @@ class Runner:
             eta = None
         body = encode_call(call._replace(eta=eta))
         delay = min(math.ceil(delay), sqs.MAX_DELAY)
-        entry = message_entry('0', body, delay)
+        entry = message_entry('0', body, delay, call.tenant)
         if released:
             entry.setdefault('MessageAttributes', {})[RELEASED_ATTRIBUTE] = {
                 'DataType': 'Number', 'StringValue': str(released)}
@@ -350,7 +351,8 @@ class Runner:
             if self.try_sqs("postpone (SendMessageBatch)",
                     transport.send_batch, received.url, [message_entry(
                             '0', received.message['Body'],
-                            min(int(remaining), sqs.MAX_DELAY))]):
+                            min(int(remaining), sqs.MAX_DELAY),
+                            received.group)]):
                 self.delete(received)
         else:
             self.try_sqs("postpone (ChangeMessageVisibility)",

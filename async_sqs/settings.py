@@ -162,3 +162,17 @@ def cancel_grace():
     worker process is ended (1 to 43200)."""
     return _getint('cancel_grace', 30, 1, 43200)
 
+
+#: What the tenant option names: the MessageGroupId of the calls is the
+#: company of the caller's context, the calling user, or the database.
+TENANTS = ('company', 'user', 'database')
+
+
+def tenant():
+    """What the calls of the methods that do not say are grouped by, for
+    SQS's fair queues: one of TENANTS, or None."""
+    value = _get('tenant')
+    if value is not None and value not in TENANTS:
+        raise ValueError("[async_sqs] tenant must be one of %s, not %r"
+            % (', '.join(TENANTS), value))
+    return value

@@ -319,7 +319,7 @@ class Transport:
             'MaxNumberOfMessages': max_number,
             'WaitTimeSeconds': (
                 settings.wait_time() if wait_time is None else wait_time),
-            'AttributeNames': ['ApproximateReceiveCount'],
+            'AttributeNames': ['ApproximateReceiveCount', 'MessageGroupId'],
             'MessageAttributeNames': ['All'],
             }
         if visibility_timeout is not None:

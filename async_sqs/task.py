@@ -57,6 +57,8 @@ class Task(ModelSQL, ModelView):
 
     uuid = fields.Char("UUID", required=True, readonly=True)
     queue = fields.Char("Queue", readonly=True)
+    tenant = fields.Char("Tenant", readonly=True,
+        help="The group SQS's fair queues share the workers between.")
     model = fields.Char("Model", readonly=True)
     method = fields.Char("Method", readonly=True)
     records = fields.Char("Records", readonly=True,
@@ -320,21 +322,22 @@ class Task(ModelSQL, ModelView):
     def insert_pending(cls, rows):
         """Write one pending row per call with multi-row inserts.
 
-        rows are dicts with uuid, queue, model, method, records, user, eta
-        and body."""
+        rows are dicts with uuid, queue, model, method, records, user, eta,
+        body and, if it has one, tenant."""
         transaction = Transaction()
         cursor = transaction.connection.cursor()
         table = cls.__table__()
         now = dt.datetime.now()
         columns = [table.uuid, table.queue, table.model, table.method,
-            table.records, table.user, table.eta, table.body, table.state,
-            table.attempts, table.enqueued_at, table.create_uid,
+            table.records, table.user, table.eta, table.body, table.tenant,
+            table.state, table.attempts, table.enqueued_at, table.create_uid,
             table.create_date]
         for sub_rows in grouped_slice(rows, INSERT_ROWS):
             cursor.execute(*table.insert(columns, [[
                             r['uuid'], r['queue'], r['model'], r['method'],
                             r['records'], r['user'], r['eta'], r['body'],
-                            'pending', 0, now, transaction.user, now]
+                            r.get('tenant'), 'pending', 0, now,
+                            transaction.user, now]
                         for r in sub_rows]))
 
     @classmethod

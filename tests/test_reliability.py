@@ -36,6 +36,7 @@ def rows(database, **where):
                 'method': t.method, 'records': t.records, 'error': t.error,
                 'enqueued_at': t.enqueued_at, 'started_at': t.started_at,
                 'body': t.body, 'queue': t.queue, 'worker': t.worker,
+                'tenant': t.tenant,
                 } for t in Task.search(domain)]
 
 
