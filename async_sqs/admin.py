@@ -86,7 +86,7 @@ def queue_status(database_name):
             entry['exists'] = True
             for attribute, key in DEPTH_ATTRIBUTES:
                 entry[key] = int(attributes.get(attribute, 0))
-        dead = _queue_attributes(transport, name + sqs.DEAD_LETTER_SUFFIX,
+        dead = _queue_attributes(transport, sqs.dead_letter_name(name),
             [a for a, _ in DEPTH_ATTRIBUTES[:2]])
         if dead is not None:
             entry['dead'] = sum(
@@ -158,7 +158,7 @@ def create_queues(database_name, out=sys.stdout):
         name = sqs.task_queue_name(database_name, queue)
         transport.create(name)
         out.write("%s ready, dead letters to %s\n"
-            % (name, name + sqs.DEAD_LETTER_SUFFIX))
+            % (name, sqs.dead_letter_name(name)))
     return 0
 
 
@@ -257,7 +257,7 @@ def requeue_dead(database_name, queue=None, limit=None, out=sys.stdout):
     total = 0
     for queue in queues:
         name = sqs.task_queue_name(database_name, queue)
-        dead_name = name + sqs.DEAD_LETTER_SUFFIX
+        dead_name = sqs.dead_letter_name(name)
         try:
             dead_url = transport.url(dead_name, create=False)
         except Exception as exc:

@@ -358,7 +358,9 @@ def defer(options, wrapped, instance, args, kwargs):
         user=transaction.user, context=context, model=cls.__name__,
         kind=kind, method=method, instance=record_id, args=list(args),
         kwargs=kwargs, reply=not options.ignore_result, queue=queue,
-        eta=eta if delay > sqs.MAX_DELAY else None, reply_to=reply_to,
+        # FIFO queues take no delay per message: the worker holds it back
+        eta=eta if delay > sqs.MAX_DELAY or (
+            delay and sqs.is_fifo(queue)) else None, reply_to=reply_to,
         tenant=tenant_of(options, records, transaction, context))
     try:
         body = encode_call(call)

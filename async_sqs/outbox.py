@@ -207,11 +207,19 @@ def send(database_name, entries):
         try:
             url = transport.url(queue_name)
             messages, message_entries = {}, []
-            for i, members in enumerate(pack(items)):
+            # a call of a FIFO queue goes alone, to keep its place when it
+            # is retried
+            fifo = sqs.is_fifo(queue_name)
+            for i, members in enumerate(
+                    [[item] for item in items] if fifo else pack(items)):
                 body = (members[0][0]['body'] if len(members) == 1
                     else pack_bodies([row['body'] for row, *_ in members]))
-                message_entries.append(message_entry(str(i), body,
-                        members[0][2], members[0][0].get('tenant')))
+                entry = message_entry(str(i), body, members[0][2],
+                    members[0][0].get('tenant'))
+                if fifo:
+                    # a second send of the same commit is dropped by SQS
+                    entry['MessageDeduplicationId'] = members[0][0]['uuid']
+                message_entries.append(entry)
                 messages[str(i)] = members
             for batch in sqs.batches(message_entries):
                 transport.send_batch(url, batch)

@@ -182,11 +182,38 @@ class WorkerProcess(Runner):
         if not packed:
             call, = calls
             if call.eta is not None and self.postpone(call, received):
+                self.hold_back_group(received)
                 return
             if self.attempt_call(call, received, packed=False):
                 self.delete(received)
+            else:
+                self.hold_back_group(received)
         elif self.run_packed(calls, received):
             self.delete(received)
+
+    def hold_back_group(self, received):
+        """Give back the messages held of the FIFO group of a message that
+        comes back later, so that they run after it, in their order: SQS
+        delivers none of the group while it is hidden."""
+        if not received.group or not sqs.is_fifo(received.url):
+            return
+        kept, back = [], []
+        while True:
+            try:
+                other = self.buffer.get_nowait()
+            except queue_module.Empty:
+                break
+            same = (other.url, other.group) == (received.url, received.group)
+            (back if same else kept).append(other)
+        for other in kept:
+            self.buffer.put(other)
+        for other in back:
+            self.heartbeat.release(other)
+            other.slots.release()
+        if back:
+            self.try_sqs("hold back (ChangeMessageVisibility)",
+                sqs.client().change_visibility_batch, received.url,
+                [other.receipt for other in back], 0)
 
     def decode(self, received):
         """Return the calls of the message and whether it packs several;

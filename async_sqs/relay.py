@@ -47,6 +47,11 @@ def relay_pending(database_name, before, stale_before=None):
         url = transport.url(queue_name)
         entries = [message_entry(str(i), body, delay, message_group(body))
             for i, (_, body, delay) in enumerate(items)]
+        if sqs.is_fifo(queue_name):
+            # the first send may have gone: SQS drops a second within its
+            # five minutes of deduplication
+            for entry, (uuid, _, _) in zip(entries, items):
+                entry['MessageDeduplicationId'] = uuid
         for batch in sqs.batches(entries):
             transport.send_batch(url, batch)
             sent.append([items[int(e['Id'])][0] for e in batch])

@@ -270,12 +270,22 @@ class Runner:
                     RELEASED_ATTRIBUTE, {}).get('StringValue', 0))
         except ValueError:
             released = 0
+        if sqs.is_fifo(received.url):
+            # the message itself comes back: its receives count the releases
+            released = received.receive_count - 1
         # unsigned, so bounded before it is used
         released = min(max(released, 0), RELEASE_DOUBLINGS)
         delay = min(RELEASE_FIRST * 2 ** released, RELEASE_LONGEST)
         if packed:
             return self.send_alone(call, received, delay, released + 1)
         self.heartbeat.release(received)
+        if sqs.is_fifo(received.url):
+            # a copy would go behind the others of its group: the message
+            # keeps its place, at the cost of a receive
+            self.try_sqs("release (ChangeMessageVisibility)",
+                sqs.client().change_visibility_batch,
+                received.url, [received.receipt], delay)
+            return False
         entry = message_entry(
             '0', received.message['Body'], delay, received.group)
         entry.setdefault('MessageAttributes', {})[RELEASED_ATTRIBUTE] = {

@@ -8,6 +8,7 @@ import os
 import re
 import threading
 import time
+import uuid
 
 import botocore.session
 from botocore.config import Config
@@ -24,6 +25,10 @@ MAX_BATCH = 10
 MAX_QUEUE_NAME = 80
 #: Suffix of the dead-letter queue of a queue.
 DEAD_LETTER_SUFFIX = '-dead'
+#: Suffix SQS requires of the name of a FIFO queue.
+FIFO_SUFFIX = '.fifo'
+#: The MessageGroupId of the calls to a FIFO queue that have no tenant.
+DEFAULT_GROUP = 'default'
 #: Longest delay SQS applies to one message, in seconds.
 MAX_DELAY = 900
 #: Largest message body SQS accepts, in bytes; a whole batch call too.
@@ -69,13 +74,42 @@ def queue_name(*parts, limit=MAX_QUEUE_NAME - len(DEAD_LETTER_SUFFIX)):
 
     Characters SQS refuses become '_'; a name over the limit keeps its head
     and ends with a hash of the whole, so two long names stay distinct. The
-    limit leaves room for the dead-letter suffix."""
-    name = '-'.join(p for p in parts if p)
+    limit leaves room for the dead-letter suffix. A last part that ends in
+    .fifo names a FIFO queue: the suffix stays last."""
+    parts = [p for p in parts if p]
+    fifo = bool(parts) and parts[-1].endswith(FIFO_SUFFIX)
+    if fifo:
+        parts[-1] = parts[-1][:-len(FIFO_SUFFIX)]
+        limit -= len(FIFO_SUFFIX)
+    name = '-'.join(parts)
     name = _NOT_IN_ALPHABET.sub('_', name)
     if len(name) > limit:
         digest = hashlib.sha1(name.encode('utf-8')).hexdigest()[:8]
         name = name[:limit - len(digest) - 1] + '-' + digest
-    return name
+    return name + FIFO_SUFFIX if fifo else name
+
+
+def is_fifo(name_or_url):
+    "Tell whether the queue of the name or URL is a FIFO queue."
+    return name_or_url.endswith(FIFO_SUFFIX)
+
+
+def dead_letter_name(name):
+    "Return the name of the dead-letter queue of a task queue."
+    if is_fifo(name):
+        return name[:-len(FIFO_SUFFIX)] + DEAD_LETTER_SUFFIX + FIFO_SUFFIX
+    return name + DEAD_LETTER_SUFFIX
+
+
+def fifo_entry(entry):
+    """Return a SendMessageBatch entry as a FIFO queue takes it: with a
+    group, a deduplication id (a new one unless the entry has its own) and
+    no delay, which FIFO queues refuse per message."""
+    entry = dict(entry)
+    entry.pop('DelaySeconds', None)
+    entry.setdefault('MessageGroupId', DEFAULT_GROUP)
+    entry.setdefault('MessageDeduplicationId', uuid.uuid4().hex)
+    return entry
 
 
 def task_queue_name(database, queue=None):
@@ -247,17 +281,23 @@ class Transport:
         self._urls.pop(name, None)
 
     def create(self, name, attributes=None):
-        "Create the task queue and its dead-letter queue; return its URL."
+        """Create the task queue and its dead-letter queue; return its URL.
+
+        A name that ends in .fifo makes both FIFO queues."""
+        fifo = {'FifoQueue': 'true'} if is_fifo(name) else {}
         if attributes is None:
+            dead_name = dead_letter_name(name)
             dead_url = self.sqs.create_queue(
-                QueueName=name + DEAD_LETTER_SUFFIX,
-                Attributes={'MessageRetentionPeriod': str(14 * 24 * 3600)},
+                QueueName=dead_name,
+                Attributes={
+                    'MessageRetentionPeriod': str(14 * 24 * 3600), **fifo},
                 )['QueueUrl']
             dead_arn = self.sqs.get_queue_attributes(
                 QueueUrl=dead_url, AttributeNames=['QueueArn'],
                 )['Attributes']['QueueArn']
-            self._urls[name + DEAD_LETTER_SUFFIX] = dead_url
+            self._urls[dead_name] = dead_url
             attributes = {
+                **fifo,
                 'VisibilityTimeout': str(settings.visibility_timeout()),
                 'MessageRetentionPeriod': str(14 * 24 * 3600),
                 'RedrivePolicy': json.dumps({
@@ -279,7 +319,7 @@ class Transport:
     def dead_letter_url(self, name):
         "Return the URL of the dead-letter queue of a task queue."
         self.url(name)
-        return self.url(name + DEAD_LETTER_SUFFIX)
+        return self.url(dead_letter_name(name))
 
     def send_batch(self, url, entries):
         """Send the entries (dicts of SendMessageBatch) in as few calls as
@@ -287,6 +327,8 @@ class Transport:
 
         Entries that fail inside a successful call are sent again once, then
         raise."""
+        if is_fifo(url):
+            entries = [fifo_entry(e) for e in entries]
         for batch in batches(entries):
             for attempt in range(3):
                 response = self.sqs.send_message_batch(
@@ -305,7 +347,10 @@ class Transport:
     def send(self, url, body, delay=0, attributes=None):
         "Send one message."
         kwargs = {'QueueUrl': url, 'MessageBody': body}
-        if delay:
+        if is_fifo(url):
+            kwargs['MessageGroupId'] = DEFAULT_GROUP
+            kwargs['MessageDeduplicationId'] = uuid.uuid4().hex
+        elif delay:
             kwargs['DelaySeconds'] = delay
         if attributes:
             kwargs['MessageAttributes'] = attributes
