@@ -16,7 +16,7 @@ from sql.aggregate import Count
 from trytond.pool import Pool
 from trytond.transaction import Transaction
 
-from . import settings, sqs
+from . import metrics, settings, sqs, stats
 from .exceptions import AsyncTaskError, MessageError
 from .message import (
     KEY_ID_ATTRIBUTE, SIGNATURE_ATTRIBUTE, decode_call, decode_calls,
@@ -148,6 +148,17 @@ def status(database_name, as_json=False, out=sys.stdout):
     out.write("OLDEST  %s\n" % '  '.join(
             '%s %s' % (state, '-' if age is None else '%s s' % age)
             for state, age in oldest.items()))
+    return 0
+
+
+def statistics(database_name, minutes=None, as_json=False, out=sys.stdout):
+    "Write the figures of each queue and method over the last minutes."
+    with Transaction().start(database_name, 0, readonly=True):
+        report = stats.report(minutes)
+    if as_json:
+        metrics.write_json(report, out)
+    else:
+        metrics.write_table(report, out)
     return 0
 
 
@@ -371,6 +382,9 @@ def run(options, out=sys.stdout):
     command = options.command
     if command == 'status':
         return status(database_name, as_json=options.json, out=out)
+    elif command == 'stats':
+        return statistics(database_name, minutes=options.since,
+            as_json=options.json, out=out)
     elif command == 'create-queues':
         return create_queues(database_name, out=out)
     elif command == 'requeue-dead':

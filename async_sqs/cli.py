@@ -84,6 +84,12 @@ def admin_parser():
         help="depths of the queues and dead-letter queues, tasks by state")
     status.add_argument('--json', action='store_true',
         help="write one JSON object")
+    stats = commands.add_parser('stats',
+        help="calls, rates and times per queue and method, from the rows")
+    stats.add_argument('--since', type=_positive, metavar='MINUTES',
+        help="the calls enqueued in the last MINUTES (default: 60)")
+    stats.add_argument('--json', action='store_true',
+        help="write one JSON object")
     commands.add_parser('create-queues',
         help="create every task queue and its dead-letter queue")
     requeue = commands.add_parser('requeue-dead',

@@ -10,8 +10,10 @@ in Accept-Language), defers the call and answers 202 with the task; with
 ?wait=SECONDS it commits, then waits for the outcome.
 GET /<database>/async_sqs/task/<uuid>[?wait=SECONDS] tells the state and,
 once the call ended, its result or error.
+GET /<database>/async_sqs/metrics[?since=MINUTES] gives the statistics of
+the calls in the Prometheus text format, to the task administrators.
 
-Both need a key of the async_sqs user application, sent as
+All need a key of the async_sqs user application, sent as
 Authorization: bearer KEY; the calls run as the key's user. Only methods
 that are both decorated and exposed in the model's __rpc__ can be called,
 and the call runs in the worker with the access checks of an RPC call."""
@@ -40,6 +42,7 @@ from trytond.tools import is_instance_method
 from trytond.transaction import Transaction
 from trytond.wsgi import app
 
+from . import metrics, stats
 from .exceptions import ResultTimeout, TaskCancelled, TaskFailed, TaskNotSent
 from .message import CHECK_ACCESS, walk
 from .result import TaskHandle, task_status
@@ -326,6 +329,26 @@ def _readable_status(request, pool, task_id):
             and not is_administrator()):
         abort(HTTPStatus.NOT_FOUND, "unknown task %s" % task_id)
     return status
+
+
+@app.route('/<database_name>/async_sqs/metrics', methods={'GET'})
+@json_errors
+@with_pool
+@with_transaction(readonly=True)
+@_application
+def task_metrics(request, pool):
+    """Answer the statistics of the calls of the last hour, or of the last
+    ?since=MINUTES, in the Prometheus text exposition format."""
+    if not is_administrator():
+        # the figures of every user's calls
+        abort(HTTPStatus.FORBIDDEN, "the metrics are for the members of "
+            "the Deferred Task Administration group")
+    since = request.args.get('since')
+    if since is not None and not (since.isdigit() and int(since) >= 1):
+        abort(HTTPStatus.BAD_REQUEST,
+            "since must be a positive number of minutes, not %r" % since)
+    return Response(metrics.prometheus(stats.report(since and int(since))),
+        content_type=metrics.PROMETHEUS_TYPE)
 
 
 def wants_reply(pool, status):

@@ -101,6 +101,8 @@ class Task(ModelSQL, ModelView):
         cls._sql_indexes.update({
                 Index(t, (t.state, Index.Equality()),
                     (t.enqueued_at, Index.Range())),
+                # the statistics read the calls of a period
+                Index(t, (t.enqueued_at, Index.Range())),
                 })
         cls._order = [('enqueued_at', 'DESC'), ('id', 'DESC')]
         cls._buttons.update({
