@@ -16,8 +16,8 @@ from collections import defaultdict
 from trytond.pool import Pool
 from trytond.transaction import Transaction
 
-from . import settings, sqs
-from .message import MAX_PACKED_SIZE, message_entry, pack_bodies
+from . import payload, settings, sqs
+from .message import message_entry, pack_bodies
 from .rows import mark_queued
 
 logger = logging.getLogger(__name__)
@@ -208,10 +208,14 @@ def send(database_name, entries):
             url = transport.url(queue_name)
             messages, message_entries = {}, []
             for i, members in enumerate(pack(items)):
-                body = (members[0][0]['body'] if len(members) == 1
-                    else pack_bodies([row['body'] for row, *_ in members]))
-                message_entries.append(
-                    message_entry(str(i), body, members[0][2]))
+                if len(members) == 1:
+                    row, _, delay, _ = members[0]
+                    entry = payload.call_entry(str(i), row['body'], delay,
+                        database_name, row['uuid'])
+                else:
+                    entry = message_entry(str(i), pack_bodies(
+                            [row['body'] for row, *_ in members]))
+                message_entries.append(entry)
                 messages[str(i)] = members
             for batch in sqs.batches(message_entries):
                 transport.send_batch(url, batch)
@@ -236,19 +240,21 @@ def pack(items):
     """Return the items of one queue grouped into the messages they go in.
 
     items are (row, handle, delay, calls_per_message). A call goes with
-    others when it allows it and is not delayed, as long as the message
-    stays within what every call in it allows and within MAX_PACKED_SIZE."""
+    others when it allows it, is not delayed and stays in SQS, as long as
+    the message stays within what every call in it allows and within
+    MAX_PACKED_SIZE (and large_message_threshold with an S3 bucket)."""
     messages, members, limit, size = [], [], 0, 2
+    packed_limit = payload.packed_limit()
     for item in items:
         row, _, delay, calls_per_message = item
-        if calls_per_message <= 1 or delay:
+        if calls_per_message <= 1 or delay or payload.is_large(row['body']):
             messages.append([item])
             continue
         body_size = len(row['body'].encode('utf-8')) + 1
         limit = min(limit, calls_per_message) if members else (
             calls_per_message)
         if members and (len(members) >= limit
-                or size + body_size > MAX_PACKED_SIZE):
+                or size + body_size > packed_limit):
             messages.append(members)
             members, limit, size = [], calls_per_message, 2
         members.append(item)

@@ -8,8 +8,7 @@ from collections import defaultdict
 from trytond.pool import Pool
 from trytond.transaction import Transaction
 
-from . import sqs
-from .message import message_entry
+from . import payload, sqs
 from .rows import mark_queued
 
 logger = logging.getLogger(__name__)
@@ -45,8 +44,8 @@ def relay_pending(database_name, before, stale_before=None):
     sent = []
     for queue_name, items in by_queue.items():
         url = transport.url(queue_name)
-        entries = [message_entry(str(i), body, delay)
-            for i, (_, body, delay) in enumerate(items)]
+        entries = [payload.call_entry(str(i), body, delay, database_name, uuid)
+            for i, (uuid, body, delay) in enumerate(items)]
         for batch in sqs.batches(entries):
             transport.send_batch(url, batch)
             sent.append([items[int(e['Id'])][0] for e in batch])
