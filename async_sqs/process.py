@@ -224,6 +224,8 @@ class WorkerProcess(Runner):
         except PayloadUnavailable as exc:
             # S3's trouble, not the call's: as an outage of the database
             outage.failed(exc)
+            logger.info("message %s released: its body is not read",
+                received.message.get('MessageId'))
             if self.release(None, received, False):
                 self.delete(received)
             return None

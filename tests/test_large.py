@@ -5,12 +5,13 @@ same server as its SQS."""
 import hashlib
 import io
 import json
+import socket
 import uuid
 
 import pytest
 from conftest import dead_letters, wait_until
 from test_admin import admin
-from test_reliability import USER, row
+from test_reliability import USER, queue_depth, row
 
 from trytond import config
 from trytond.modules.async_sqs import TaskFailed, TaskHandle, payload, sqs
@@ -156,6 +157,27 @@ def test_requeue_refused(database, bucket, s3_options, start_worker):
     assert TaskHandle(handle.task_id, database=database).wait(30) == [
         SIZE, hashlib.sha256(b'z' * SIZE).hexdigest()]
     wait_until(lambda: keys(bucket) == [])
+
+
+def test_s3_unreachable(database, bucket, s3_options, start_worker):
+    "A worker that cannot reach S3 gives the call back, not fail it"
+    with Transaction().start(database, USER):
+        handle = Pool().get('async_sqs.test.item').measure.defer('v' * SIZE)
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        closed = 'http://127.0.0.1:%s' % sock.getsockname()[1]
+    worker = start_worker(options=dict(
+            s3_options, s3_endpoint_url=closed, max_attempts='1'))
+    worker.wait_for_log('read a body (S3 GetObject) failed')
+    # released, and received again
+    wait_until(lambda: worker.output().count(
+            'released: its body is not read') >= 2)
+    worker.terminate()
+    assert row(database, handle.task_id)['state'] == 'queued'
+    assert queue_depth(sqs.task_queue_name(database) + '-dead') == (0, 0, 0)
+    assert 'refused' not in worker.output()
+    start_worker(options=s3_options)
+    assert handle.wait(90) == [SIZE, hashlib.sha256(b'v' * SIZE).hexdigest()]
 
 
 def test_packed_with_a_large_call(database, bucket, s3_options, start_worker):
