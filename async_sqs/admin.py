@@ -16,11 +16,11 @@ from sql.aggregate import Count
 from trytond.pool import Pool
 from trytond.transaction import Transaction
 
-from . import metrics, settings, sqs, stats
+from . import metrics, payload, settings, sqs, stats
 from .exceptions import AsyncTaskError, MessageError
 from .message import (
     KEY_ID_ATTRIBUTE, SIGNATURE_ATTRIBUTE, decode_call, decode_calls,
-    message_entry, message_group, verify)
+    message_group, verify)
 from .rows import task_queues
 from .task import RUNNABLE, STATES
 
@@ -187,35 +187,56 @@ def _check_dead_letter(message, database_name, rows):
             or KEY_ID_ATTRIBUTE in attributes
             or SIGNATURE_ATTRIBUTE in attributes):
         verify(message)
-    calls, _ = decode_calls(message.get('Body'), message_id)
-    for call in calls:
-        if call.database != database_name:
+    named = _named_calls(message)
+    for task_id, database, same_as in named:
+        if database != database_name:
             raise MessageError("database %s is not the queue's"
-                % call.database, message_id, call.task)
-        row = rows.get(call.task)
+                % database, message_id, task_id)
+        row = rows.get(task_id)
         if row is None:
             reason = "no task row"
             if REFUSED_ATTRIBUTE in attributes:
                 reason += ", refused: %s" % (
                     attributes[REFUSED_ATTRIBUTE].get('StringValue'))
-            raise MessageError(reason, message_id, call.task)
-        try:
-            same = decode_call(row[2]) == call
-        except MessageError:
-            same = False
-        if not same:
+            raise MessageError(reason, message_id, task_id)
+        if not same_as(row[2]):
             raise MessageError("the call differs from its task row",
-                message_id, call.task)
-    return [c.task for c in calls]
+                message_id, task_id)
+    return [task_id for task_id, *_ in named]
+
+
+def _named_calls(message):
+    """Return (task id, database, same_as) of each call a dead letter names:
+    same_as(body) tells whether the body of a row is that call.
+
+    A call whose body is in S3 is the row whose body has the SHA-256 of its
+    pointer: its object is gone once the call failed for good."""
+    message_id = message.get('MessageId')
+    pointer = payload.pointer_of(message)
+    if pointer is not None:
+        database, task_id = payload.call_of(pointer.key) or (None, None)
+        if task_id is None:
+            raise MessageError("the pointer names no call", message_id)
+        return [(task_id, database, lambda body: payload.holds(
+                        pointer, body))]
+    calls, _ = decode_calls(message.get('Body'), message_id)
+
+    def same_as(call):
+        def test(body):
+            try:
+                return decode_call(body) == call
+            except MessageError:
+                return False
+        return test
+    return [(c.task, c.database, same_as(c)) for c in calls]
 
 
 def _task_ids(message):
     "Return the task ids a body seems to name, without trusting it."
     try:
-        calls, _ = decode_calls(message.get('Body'), message.get('MessageId'))
+        return [task_id for task_id, *_ in _named_calls(message)]
     except MessageError:
         return []
-    return [c.task for c in calls]
 
 
 def _read_rows(database_name, uuids):
@@ -315,16 +336,16 @@ def requeue_dead(database_name, queue=None, limit=None, out=sys.stdout):
                 by_queue = {}
                 for uuid in to_send:
                     by_queue.setdefault(rows[uuid][1], []).append(
-                        rows[uuid][2])
+                        (uuid, rows[uuid][2]))
                 for uuid in to_send:
                     if decode_call(rows[uuid][2]).reply:
                         # a waiter must read the outcome of the new attempt
                         transport.drain(sqs.reply_queue_name(uuid))
                 for queue_name, bodies in by_queue.items():
                     transport.send_batch(transport.url(queue_name), [
-                            message_entry(
-                                str(i), body, 0, message_group(body))
-                            for i, body in enumerate(bodies)])
+                            payload.call_entry(str(i), body, 0,
+                                database_name, uuid, message_group(body))
+                            for i, (uuid, body) in enumerate(bodies)])
             if done:
                 transport.delete_batch(dead_url, done)
         if left:
@@ -338,12 +359,17 @@ def requeue_dead(database_name, queue=None, limit=None, out=sys.stdout):
     return 0
 
 
-def sweep_replies(older_than=None, out=sys.stdout):
-    "Delete the reply queues of the prefix older than older_than seconds."
+def sweep_replies(older_than=None, database_name=None, out=sys.stdout):
+    """Delete the reply queues of the prefix older than older_than seconds;
+    with an S3 bucket, the objects older than that no message needs."""
     if older_than is None:
         older_than = settings.reply_ttl()
     count = sqs.sweep_reply_queues(older_than)
     out.write("%s reply queue(s) deleted\n" % count)
+    if settings.s3_bucket():
+        count = payload.sweep(database_name, older_than)
+        out.write("%s object(s) deleted from s3://%s/%s\n"
+            % (count, settings.s3_bucket(), settings.s3_prefix()))
     return 0
 
 
@@ -391,7 +417,7 @@ def run(options, out=sys.stdout):
         return requeue_dead(database_name, queue=options.queue,
             limit=options.limit, out=out)
     elif command == 'sweep-replies':
-        return sweep_replies(options.older_than, out=out)
+        return sweep_replies(options.older_than, database_name, out=out)
     elif command == 'retry':
         return retry(database_name, options.uuids, out=out)
     elif command == 'cancel':

@@ -17,6 +17,14 @@ class MessageError(AsyncTaskError, ValueError):
         self.task_id = task_id
 
 
+class PayloadRefused(MessageError):
+    "A message whose body in S3 is missing or is not the one signed."
+
+
+class PayloadUnavailable(AsyncTaskError):
+    "S3 did not give or take a message body, for now."
+
+
 class SigningKeyMissing(AsyncTaskError, RuntimeError):
     "No [async_sqs] secret to sign or check messages, and insecure is off."
 

@@ -7,8 +7,8 @@ from collections import defaultdict
 
 from trytond.transaction import Transaction
 
-from . import settings, sqs
-from .message import message_entry, message_group, signature_attributes
+from . import payload, settings, sqs
+from .message import message_group, signature_attributes
 from .rows import mark_queued
 
 logger = logging.getLogger(__name__)
@@ -101,8 +101,9 @@ def resend(database_name, items):
                 if reply:
                     transport.drain(sqs.reply_queue_name(uuid))
             url = transport.url(queue_name)
-            entries = [message_entry(str(i), body, 0, message_group(body))
-                for i, (_, _, body, _) in enumerate(queue_items)]
+            entries = [payload.call_entry(
+                    str(i), body, 0, database_name, uuid, message_group(body))
+                for i, (uuid, _, body, _) in enumerate(queue_items)]
             for batch in sqs.batches(entries):
                 transport.send_batch(url, batch)
                 sent.append([queue_items[int(e['Id'])][0] for e in batch])

@@ -22,8 +22,8 @@ import uuid
 from collections import defaultdict
 
 from . import settings, sqs
-from .exceptions import MessageError
-from .message import decode_reply, verify
+from .exceptions import MessageError, PayloadUnavailable
+from .payload import read_reply
 
 logger = logging.getLogger(__name__)
 
@@ -188,11 +188,13 @@ class Listener:
     def accept(self, message):
         "Return the Reply of a message if it is signed and sound, else None."
         try:
-            # a reply anyone could have written must not pass for a result
-            verify(message)
-            return decode_reply(message['Body'], message.get('MessageId'))
+            return read_reply(message)
         except MessageError as exc:
             logger.warning("reply refused: %s", exc)
+            return None
+        except PayloadUnavailable as exc:
+            # the row of a handle with its database answers
+            logger.warning("reply not read: %s", exc)
             return None
 
     def read_rows(self):

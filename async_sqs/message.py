@@ -125,12 +125,23 @@ def loads(text):
 ATTRIBUTES_SIZE = 512
 
 
+#: Largest body a message may point to in S3, as SQS's Extended Client.
+MAX_PAYLOAD_SIZE = 2 * 1024 ** 3
+
+
 def check_size(body):
-    "Raise ValueError if the body is over the size SQS accepts."
+    """Raise ValueError if the body is over the size SQS accepts, or with
+    [async_sqs] s3_bucket over what a message may point to."""
     size = len(body.encode('utf-8')) + ATTRIBUTES_SIZE
-    if size > MAX_MESSAGE_SIZE:
+    if settings.s3_bucket():
+        if size > MAX_PAYLOAD_SIZE:
+            raise ValueError(
+                "the message is %s bytes, over the limit of %s bytes of a "
+                "payload in S3" % (size, MAX_PAYLOAD_SIZE))
+    elif size > MAX_MESSAGE_SIZE:
         raise ValueError(
-            "the message is %s bytes, over the SQS limit of %s bytes"
+            "the message is %s bytes, over the SQS limit of %s bytes "
+            "([async_sqs] s3_bucket sends it through S3)"
             % (size, MAX_MESSAGE_SIZE))
 
 
@@ -338,6 +349,12 @@ CANCELLED = 'TaskCancelled'
 KEY_ID_ATTRIBUTE = 'async_sqs.key'
 #: Message attribute that holds the HMAC-SHA256 of the body.
 SIGNATURE_ATTRIBUTE = 'async_sqs.signature'
+#: Message attribute of a body stored in S3: the SHA-256 of the object,
+#: signed with the pointer that the body is.
+DIGEST_ATTRIBUTE = 'async_sqs.sha256'
+#: Message attribute of a body stored in S3, as SQS's Extended Client
+#: writes it: the size of the object.
+SIZE_ATTRIBUTE = 'ExtendedPayloadSize'
 
 
 def key_id(key):
@@ -360,19 +377,37 @@ def check_signing():
         raise SigningKeyMissing()
 
 
-def signature_attributes(body):
-    "Return the message attributes that sign the body with the secret."
+def _signed(body, digest):
+    # SQS bodies cannot hold NUL: no body passes for a pointer and digest
+    text = body if digest is None else body + '\x00' + digest
+    return text.encode('utf-8')
+
+
+def payload_attributes(message):
+    "Return the attributes of a message that describe its body in S3."
+    attributes = message.get('MessageAttributes') or {}
+    return {name: {'DataType': attributes[name].get('DataType', 'String'),
+            'StringValue': attributes[name].get('StringValue', '')}
+        for name in (SIZE_ATTRIBUTE, DIGEST_ATTRIBUTE) if name in attributes}
+
+
+def signature_attributes(body, attributes=None):
+    """Return the attributes, with the message attributes that sign the
+    body with the secret: the digest of a body in S3 is signed with it."""
+    attributes = dict(attributes or {})
     key = settings.secret()
     if not key:
         check_signing()
-        return {}
-    digest = hmac.new(
-        key.encode('utf-8'), body.encode('utf-8'), hashlib.sha256)
-    return {
+        return attributes
+    digest = attributes.get(DIGEST_ATTRIBUTE, {}).get('StringValue')
+    signature = hmac.new(
+        key.encode('utf-8'), _signed(body, digest), hashlib.sha256)
+    attributes.update({
         KEY_ID_ATTRIBUTE: {'DataType': 'String', 'StringValue': key_id(key)},
         SIGNATURE_ATTRIBUTE: {
-            'DataType': 'String', 'StringValue': digest.hexdigest()},
-        }
+            'DataType': 'String', 'StringValue': signature.hexdigest()},
+        })
+    return attributes
 
 
 def verify(message):
@@ -396,17 +431,19 @@ def verify(message):
     body = message.get('Body')
     if not isinstance(body, str):
         raise MessageError("body is not text", message_id)
+    digest = attributes.get(DIGEST_ATTRIBUTE, {}).get('StringValue')
     expected = hmac.new(
-        key.encode('utf-8'), body.encode('utf-8'), hashlib.sha256)
+        key.encode('utf-8'), _signed(body, digest), hashlib.sha256)
     if not hmac.compare_digest(expected.hexdigest(), signature):
         raise MessageError("signature does not match the body", message_id)
 
 
-def message_entry(id_, body, delay=0, group=None):
-    """Return a SendMessageBatch entry, signed; group is its
-    MessageGroupId: SQS shares the workers fairly between groups."""
+def message_entry(id_, body, delay=0, attributes=None, group=None):
+    """Return a SendMessageBatch entry, signed; attributes are the
+    payload_attributes of a body in S3, group its MessageGroupId: SQS
+    shares the workers fairly between groups."""
     entry = {'Id': id_, 'MessageBody': body,
-        'MessageAttributes': signature_attributes(body)}
+        'MessageAttributes': signature_attributes(body, attributes)}
     if not entry['MessageAttributes']:
         del entry['MessageAttributes']
     if delay:

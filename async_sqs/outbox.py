@@ -16,8 +16,8 @@ from collections import defaultdict
 from trytond.pool import Pool
 from trytond.transaction import Transaction
 
-from . import settings, sqs
-from .message import MAX_PACKED_SIZE, message_entry, pack_bodies
+from . import payload, settings, sqs
+from .message import message_entry, pack_bodies
 from .rows import mark_queued
 
 logger = logging.getLogger(__name__)
@@ -212,13 +212,17 @@ def send(database_name, entries):
             fifo = sqs.is_fifo(queue_name)
             for i, members in enumerate(
                     [[item] for item in items] if fifo else pack(items)):
-                body = (members[0][0]['body'] if len(members) == 1
-                    else pack_bodies([row['body'] for row, *_ in members]))
-                entry = message_entry(str(i), body, members[0][2],
-                    members[0][0].get('tenant'))
+                row, _, delay, _ = members[0]
+                if len(members) == 1:
+                    entry = payload.call_entry(str(i), row['body'], delay,
+                        database_name, row['uuid'], row.get('tenant'))
+                else:
+                    entry = message_entry(str(i), pack_bodies(
+                            [row['body'] for row, *_ in members]),
+                        group=row.get('tenant'))
                 if fifo:
                     # a second send of the same commit is dropped by SQS
-                    entry['MessageDeduplicationId'] = members[0][0]['uuid']
+                    entry['MessageDeduplicationId'] = row['uuid']
                 message_entries.append(entry)
                 messages[str(i)] = members
             for batch in sqs.batches(message_entries):
@@ -244,20 +248,22 @@ def pack(items):
     """Return the items of one queue grouped into the messages they go in.
 
     items are (row, handle, delay, calls_per_message). A call goes with
-    others of its tenant when it allows it and is not delayed, as long as
-    the message stays within what every call in it allows and within
-    MAX_PACKED_SIZE."""
+    others of its tenant when it allows it, is not delayed and stays in
+    SQS, as long as the message stays within what every call in it allows
+    and within MAX_PACKED_SIZE (and large_message_threshold with an S3
+    bucket)."""
     messages, members, limit, size = [], [], 0, 2
+    packed_limit = payload.packed_limit()
     for item in items:
         row, _, delay, calls_per_message = item
-        if calls_per_message <= 1 or delay:
+        if calls_per_message <= 1 or delay or payload.is_large(row['body']):
             messages.append([item])
             continue
         body_size = len(row['body'].encode('utf-8')) + 1
         limit = min(limit, calls_per_message) if members else (
             calls_per_message)
         if members and (len(members) >= limit
-                or size + body_size > MAX_PACKED_SIZE
+                or size + body_size > packed_limit
                 or row.get('tenant') != members[0][0].get('tenant')):
             messages.append(members)
             members, limit, size = [], calls_per_message, 2

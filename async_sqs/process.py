@@ -16,12 +16,13 @@ from trytond.transaction import Transaction
 
 from . import settings, sqs
 from .backoff import Outage
-from .exceptions import MessageError
-from .message import decode_calls, verify
+from .exceptions import MessageError, PayloadRefused, PayloadUnavailable
+from .message import decode_call, decode_calls, verify
+from .payload import read_body
 from .receiver import Heartbeat, Receiver
 from .relay import relay_pending
-from .rows import task_queues
-from .runner import Runner
+from .rows import read_rows, task_queues
+from .runner import Runner, database_errors
 from .stopping import Stopper, start_listeners
 
 logger = logging.getLogger(__name__)
@@ -223,12 +224,18 @@ class WorkerProcess(Runner):
         try:
             # the signature first: nothing of an unsigned body is read
             verify(message)
-            calls, packed = decode_calls(message.get('Body'), message_id)
+            body = self.read_body(received)
+            if body is None:
+                return None, False
+            calls, packed = decode_calls(body, message_id)
             for call in calls:
                 if call.database != received.database:
                     raise MessageError(
                         "database %s is not the queue's" % call.database,
                         message_id, call.task)
+        except PayloadRefused as exc:
+            self.refuse_payload(received, exc)
+            return None, False
         except MessageError as exc:
             logger.error("message %s refused (task %s): %s",
                 message_id, exc.task_id, exc.reason)
@@ -237,6 +244,51 @@ class WorkerProcess(Runner):
                 self.delete(received)
             return None, False
         return calls, packed
+
+    def read_body(self, received):
+        """Return the body of a message, read from S3 if it is there; None
+        when S3 fails: the message is released, to come back later."""
+        outage = self.outage("read a body (S3 GetObject)")
+        try:
+            body, _ = read_body(received.message)
+        except PayloadUnavailable as exc:
+            # S3's trouble, not the call's: as an outage of the database
+            outage.failed(exc)
+            logger.info("message %s released: its body is not read",
+                received.message.get('MessageId'))
+            if self.release(None, received, False):
+                self.delete(received)
+            return None
+        outage.succeeded()
+        return body
+
+    def refuse_payload(self, received, exc):
+        """Refuse the call of a message whose body in S3 is missing or not
+        the one signed, as any refusal: once its row says failed, to the
+        dead-letter queue. A row that ended already makes it a redelivery,
+        skipped; a body deleted with its call is one."""
+        try:
+            row = read_rows(received.database, [exc.task_id] if exc.task_id
+                else [], columns=('uuid', 'body')).get(exc.task_id)
+        except database_errors():
+            if self.release(None, received, False):
+                self.delete(received)
+            return
+        call = None
+        if row is not None:
+            try:
+                call = decode_call(row['body'])
+            except MessageError:
+                pass
+        if call is None or call.database != received.database:
+            logger.error("message %s refused (task %s): %s",
+                received.message.get('MessageId'), exc.task_id, exc.reason)
+            # no row to write: the dead-letter queue is its only record
+            if self.dead_letter(received, exc.reason):
+                self.drop_payload(received)
+                self.delete(received)
+        elif self.attempt_call(call, received, False, refusal=exc):
+            self.delete(received)
 
     def run_packed(self, calls, received):
         "Run the calls that share a message; tell whether all are settled."

@@ -8,8 +8,8 @@ from collections import defaultdict
 from trytond.pool import Pool
 from trytond.transaction import Transaction
 
-from . import sqs
-from .message import message_entry, message_group
+from . import payload, sqs
+from .message import message_group
 from .rows import mark_queued
 
 logger = logging.getLogger(__name__)
@@ -45,8 +45,9 @@ def relay_pending(database_name, before, stale_before=None):
     sent = []
     for queue_name, items in by_queue.items():
         url = transport.url(queue_name)
-        entries = [message_entry(str(i), body, delay, message_group(body))
-            for i, (_, body, delay) in enumerate(items)]
+        entries = [payload.call_entry(str(i), body, delay, database_name,
+                uuid, message_group(body))
+            for i, (uuid, body, delay) in enumerate(items)]
         if sqs.is_fifo(queue_name):
             # the first send may have gone: SQS drops a second within its
             # five minutes of deduplication

@@ -4,7 +4,7 @@
 import logging
 
 from . import sqs
-from .message import signature_attributes
+from .payload import reply_message
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,8 @@ class Replies:
             queue = sqs.reply_queue_name(call.task)
         # the reply queue lives beside the task queue: no GetQueueUrl
         url = task_queue_url.rsplit('/', 1)[0] + '/' + queue
-        self.unsent.append((name, queue, url, body, not call.reply_to))
+        self.unsent.append(
+            (name, queue, url, body, not call.reply_to, call.task))
         self.flush()
 
     def flush(self, force=False):
@@ -44,9 +45,10 @@ class Replies:
         if not self.unsent or not (force or self.outages.get(WHAT).due()):
             return
         replies, self.unsent = self.unsent, []
-        for index, (_, queue, url, body, create) in enumerate(replies):
+        for index, (_, queue, url, body, create, task_id) in enumerate(
+                replies):
             if not self.outages.attempt(
-                    WHAT, send_reply, queue, url, body, create):
+                    WHAT, send_reply, queue, url, body, create, task_id):
                 self.unsent.extend(replies[index:])
                 if force:
                     for name, *_ in self.unsent:
@@ -54,11 +56,11 @@ class Replies:
                 return
 
 
-def send_reply(name, url, body, create=True):
+def send_reply(name, url, body, create=True, task_id=None):
     """Send a reply body to the reply queue name at url, created if missing
-    and create."""
+    and create; a large one of the task goes through S3."""
     transport = sqs.client()
-    attributes = signature_attributes(body)
+    body, attributes = reply_message(body, task_id)
     try:
         transport.send(url, body, attributes=attributes)
     except Exception as exc:

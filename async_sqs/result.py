@@ -10,9 +10,10 @@ from trytond.exceptions import UserError
 
 from . import settings, sqs
 from .exceptions import (
-    MessageError, ResultIgnored, ResultTimeout, TaskCancelled, TaskFailed,
-    TaskNotSent)
-from .message import CANCELLED, Reply, decode_reply, verify, walk
+    MessageError, PayloadUnavailable, ResultIgnored, ResultTimeout,
+    TaskCancelled, TaskFailed, TaskNotSent)
+from .message import CANCELLED, Reply, decode_reply, walk
+from .payload import read_reply
 from .rows import read_rows, wants_reply
 
 logger = logging.getLogger(__name__)
@@ -258,7 +259,14 @@ class TaskHandle:
                 wait_time = max(0, min(longest, int(remaining)))
             for message in transport.receive(
                     url, max_number=1, wait_time=wait_time):
-                reply = self._accept(message)
+                try:
+                    reply = self._accept(message)
+                except PayloadUnavailable as exc:
+                    # kept: it comes back once hidden no more, and the row
+                    # may answer meanwhile
+                    logger.warning("reply for %s not read: %s",
+                        self.task_id, exc)
+                    continue
                 if reply is not None:
                     transport.delete_queue(name)
                     return reply
@@ -277,9 +285,7 @@ class TaskHandle:
 
     def _accept(self, message):
         try:
-            # a reply anyone could have written must not pass for a result
-            verify(message)
-            reply = decode_reply(message['Body'], message.get('MessageId'))
+            reply = read_reply(message)
         except MessageError as exc:
             logger.warning("reply for %s refused: %s", self.task_id, exc)
             return None

@@ -22,7 +22,9 @@ from .backoff import Outages
 from .exceptions import MessageError, TaskCancelled
 from .limits import time_limits
 from .message import (
-    CANCELLED, CHECK_ACCESS, encode_call, encode_reply, message_entry)
+    CANCELLED, CHECK_ACCESS, encode_call, encode_reply, message_entry,
+    payload_attributes)
+from .payload import discard
 from .replies import Replies
 from .resolve import check_user, resolve_method, resolve_records
 
@@ -77,9 +79,11 @@ def refusal_payload(exc):
 class Attempt:
     "One attempt at a call: its number, options and timing."
 
-    def __init__(self, call, received):
+    def __init__(self, call, received, refusal=None):
         self.call = call
         self.received = received
+        # why the call must not run, past its claim
+        self.refusal = refusal
         self.receive_count = received.receive_count
         self.started_at = dt.datetime.now()
         self.started = time.monotonic()
@@ -127,25 +131,28 @@ class Runner:
         be judged again when it comes back."""
         transport = sqs.client()
         body = received.message.get('Body') or ' '
+        # the pointer of a body in S3 keeps its SHA-256, to requeue it
+        attributes = payload_attributes(received.message)
         if call is not None:
-            body = encode_call(call)
-        attributes = {
-            'refused': {'DataType': 'String', 'StringValue': reason[:1000]}}
+            body, attributes = encode_call(call), {}
+        attributes['refused'] = {
+            'DataType': 'String', 'StringValue': reason[:1000]}
 
         def send():
             url = transport.dead_letter_url(received.queue_name)
             transport.send(url, body, attributes=attributes)
         return self.try_sqs("dead letter (SendMessage)", send)
 
-    def attempt_call(self, call, received, packed):
+    def attempt_call(self, call, received, packed, refusal=None):
         """Run one call of the message and record how it ended.
 
         Return whether the call is settled: its message may be deleted as
         far as it goes. A call of a packed message that must come back, or
         be parked, goes alone in a message of its own, so the others of its
-        message are not held back."""
+        message are not held back. With refusal, a MessageError, the call
+        is claimed and refused rather than run."""
         name = task_name(call)
-        attempt = Attempt(call, received)
+        attempt = Attempt(call, received, refusal)
         logger.info("%s starts", name)
         try:
             with processing(name):
@@ -174,6 +181,7 @@ class Runner:
             logger.info("%s done in %i ms", name, attempt.duration())
             if call.reply:
                 self.reply(call, received, reply)
+        self.drop_payload(received)
         return True
 
     def failed_for_good(self, attempt):
@@ -205,6 +213,7 @@ class Runner:
                 return self.release(call, received, packed)
         if call.reply and exc.reason != NO_ROW:
             self.reply(call, received, encode_reply(call.task, error=payload))
+        self.drop_payload(received)
         return self.dead_letter(
             received, exc.reason, call if packed else None)
 
@@ -217,6 +226,7 @@ class Runner:
         if final:
             if not self.record(call, 'failed', attempt, payload):
                 return self.release(call, received, packed)
+            self.drop_payload(received)
             if call.reply:
                 self.reply(
                     call, received, encode_reply(call.task, error=payload))
@@ -286,8 +296,8 @@ class Runner:
                 sqs.client().change_visibility_batch,
                 received.url, [received.receipt], delay)
             return False
-        entry = message_entry(
-            '0', received.message['Body'], delay, received.group)
+        entry = message_entry('0', received.message['Body'], delay,
+            payload_attributes(received.message), received.group)
         entry.setdefault('MessageAttributes', {})[RELEASED_ATTRIBUTE] = {
             'DataType': 'Number', 'StringValue': str(released + 1)}
         if self.try_sqs("release (SendMessageBatch)",
@@ -310,7 +320,7 @@ class Runner:
             eta = None
         body = encode_call(call._replace(eta=eta))
         delay = min(math.ceil(delay), sqs.MAX_DELAY)
-        entry = message_entry('0', body, delay, call.tenant)
+        entry = message_entry('0', body, delay, group=call.tenant)
         if released:
             entry.setdefault('MessageAttributes', {})[RELEASED_ATTRIBUTE] = {
                 'DataType': 'Number', 'StringValue': str(released)}
@@ -362,6 +372,7 @@ class Runner:
                     transport.send_batch, received.url, [message_entry(
                             '0', received.message['Body'],
                             min(int(remaining), sqs.MAX_DELAY),
+                            payload_attributes(received.message),
                             received.group)]):
                 self.delete(received)
         else:
@@ -411,6 +422,9 @@ class Runner:
             if attempt.state is None:
                 raise MessageError(NO_ROW, task_id=call.task)
             return SKIPPED
+        if attempt.refusal is not None:
+            # its body in S3 is not the call's: the row says failed
+            raise attempt.refusal
         with self.stoppable(call):
             result = self.run_method(pool, attempt)
         reply, error = None, {}
@@ -474,6 +488,11 @@ class Runner:
         """Send the reply body to the call's reply queue, or to the reply
         queue of the caller's process, now or later."""
         self.replies.send(task_name(call), call, received.url, body)
+
+    def drop_payload(self, received):
+        """Delete the body in S3 of a message whose call ended for good, or
+        was skipped: a copy still in flight skips it too."""
+        discard(received.message)
 
     def send_replies(self, force=False):
         "Send the replies not sent yet."

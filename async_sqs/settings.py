@@ -176,3 +176,27 @@ def tenant():
         raise ValueError("[async_sqs] tenant must be one of %s, not %r"
             % (', '.join(TENANTS), value))
     return value
+
+
+def s3_bucket():
+    """S3 bucket that holds the messages and replies over
+    large_message_threshold (none if unset: such a call is refused)."""
+    return _get('s3_bucket')
+
+
+def s3_prefix():
+    "Start of the key of every object the module writes in s3_bucket."
+    return _get('s3_prefix', default='async_sqs/')
+
+
+def s3_endpoint_url():
+    "URL of the S3 endpoint (endpoint_url, then boto3's, if unset)."
+    return _get('s3_endpoint_url') or endpoint_url()
+
+
+def large_message_threshold():
+    """Bytes of a message body past which, with s3_bucket, it goes to S3
+    and SQS carries a pointer (1024 to 1048064)."""
+    # the most SQS takes, less what the attributes of a message count
+    return _getint('large_message_threshold', 256 * 1024, 1024,
+        1024 * 1024 - 512)

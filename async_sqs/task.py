@@ -19,7 +19,7 @@ from trytond.pyson import Eval
 from trytond.tools import grouped_slice
 from trytond.transaction import Transaction
 
-from . import settings, sqs
+from . import payload, settings, sqs
 from .exceptions import TaskStateError
 from .message import CANCELLED, encode_reply
 from .rows import reply_target, wants_reply
@@ -280,7 +280,8 @@ class Task(ModelSQL, ModelView):
     def clean(cls, days=None):
         """Delete the rows done, failed or cancelled that finished more than
         days ago ([async_sqs] clean_days by default; 0 keeps them), then
-        sweep the reply queues older than reply_ttl.
+        sweep the reply queues older than reply_ttl, and the objects of S3
+        older than that which no message needs.
 
         The rows go in slices: each DELETE removes at most CLEAN_SLICE rows
         picked by a sub-select, so no one statement runs long, and on
@@ -302,6 +303,10 @@ class Task(ModelSQL, ModelView):
         except Exception:
             # the rows deleted stay deleted: the next run sweeps again
             logger.error("reply queues could not be swept", exc_info=True)
+        try:
+            payload.sweep(Transaction().database.name)
+        except Exception:
+            logger.error("S3 objects could not be swept", exc_info=True)
         return deleted
 
     @classmethod

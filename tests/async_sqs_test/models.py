@@ -1,6 +1,7 @@
 # This file is part of async_sqs.  The COPYRIGHT file at the top level of
 # this repository contains the full copyright notices and license terms.
 import datetime as dt
+import hashlib
 import os
 import time
 from decimal import Decimal
@@ -197,6 +198,19 @@ class Item(ModelSQL):
     @classmethod
     def identity(cls, value):
         return value
+
+    @async_task(ignore_result=False, calls_per_message=10)
+    @classmethod
+    def measure(cls, text):
+        "Return the length and SHA-256 of text: calls that may share one."
+        return [len(text), hashlib.sha256(text.encode('utf-8')).hexdigest()]
+
+    @async_task(ignore_result=False)
+    @classmethod
+    def big_text(cls, size):
+        "Return a text of size characters, not all alike."
+        line = ''.join(chr(0x41 + i % 26) for i in range(63)) + '\n'
+        return (line * (size // len(line) + 1))[:size]
 
     @async_task(ignore_result=False, queue='other')
     @classmethod
