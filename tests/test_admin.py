@@ -83,7 +83,7 @@ def test_status_and_create_queues(database, prefix):
         outputs.append(result.stdout)
         listed = transport.sqs.list_queues(QueueNamePrefix=prefix)
         assert sorted(u.rsplit('/', 1)[1] for u in listed['QueueUrls']) == (
-            sorted(names + [n + '-dead' for n in names]))
+            sorted(names + [sqs.dead_letter_name(n) for n in names]))
     assert outputs[0] == outputs[1]
     assert '%s ready, dead letters to %s-dead' % (other, other) in outputs[0]
     attributes = transport.sqs.get_queue_attributes(
