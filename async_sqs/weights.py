@@ -150,6 +150,19 @@ class WeightedBuffer:
                 raise queue_module.Empty
             return self._take()
 
+    def take_out(self, predicate):
+        """Remove the messages held for which predicate is true and return
+        them; the others keep their places and the turns are unchanged."""
+        taken = []
+        with self.condition:
+            for lane in self.lanes.values():
+                kept = []
+                for entry in lane:
+                    (taken if predicate(entry[1]) else kept).append(entry)
+                lane.clear()
+                lane.extend(kept)
+        return [item for _, item in sorted(taken, key=lambda e: e[0])]
+
     def empty(self):
         with self.condition:
             return not self._held()
