@@ -2,6 +2,7 @@
 # this repository contains the full copyright notices and license terms.
 "Weighted queues: how they are written, picked from, and shared by a worker."
 import queue as queue_module
+import re
 import uuid
 
 import pytest
@@ -195,7 +196,7 @@ def test_weighted_queues_share_a_process(database, start_worker):
         Item = Pool().get('async_sqs.test.item')
         for value in range(COUNT):
             for name in ['a', 'b']:
-                Item.create_named.defer(
+                Item.create_in_turn.defer(
                     '%s-%s' % (tag, name), value=value, _queue_=name)
     worker = start_worker(processes=1, queues=('a:3', 'b:1'))
     assert '-a (weight 3), ' in worker.output()
@@ -218,3 +219,26 @@ def test_queue_weights_option(start_worker):
     assert '-a (weight 5), ' in output
     assert '-b (weight 1), ' in output
     assert '-c (weight 2)' in output
+
+
+def test_weighted_lanes_given_back_on_stop(database, start_worker):
+    "On SIGTERM the messages waiting in the lanes are made visible again"
+    tag = 'weights-%s' % uuid.uuid4().hex[:10]
+    with Transaction().start(database, USER):
+        Item = Pool().get('async_sqs.test.item')
+        slow = Item.sleep_then_create.defer(tag + '-slow', 3, _queue_='a')
+        for value in range(5):
+            for name in ['a', 'b']:
+                Item.create_in_turn.defer(
+                    '%s-%s' % (tag, name), value=value, _queue_=name)
+    worker = start_worker(queues=('a:3', 'b:1'))
+    worker.wait_for_log('<Task %s async_sqs.test.item.sleep_then_create@%s> '
+        'starts' % (slow.task_id, database))
+    assert worker.terminate() == 0
+    assert slow.wait(0) == tag + '-slow'
+    assert re.search(r'release \d+ message\(s\) of ', worker.output())
+    start_worker(queues=('a', 'b'))
+    runs = wait_until(lambda: ran(database, tag, 11),
+        message="not every call ran")
+    for name in ['a', 'b']:
+        assert sorted(v for q, v in runs if q == name) == list(range(5))
