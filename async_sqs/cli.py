@@ -19,10 +19,21 @@ def worker_parser():
             # -d DB1 -d DB2 adds up, as -d DB1 DB2 does
             action.__class__ = argparse._ExtendAction
     parser.add_argument('--queue', dest='queues', action='append',
-        metavar='NAME', default=[],
-        help="listen on this queue only (repeat for more); default: the "
-        "configured queue and every queue a decorated method names")
+        metavar='NAME[:WEIGHT]', default=[], type=_queue,
+        help="listen on this queue only (repeat for more), with this weight "
+        "(1 to 100) among the queues; default: the configured queue and "
+        "every queue a decorated method names")
     return parser
+
+
+def _queue(value):
+    from .weights import parse_queue
+    try:
+        parse_queue(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    # the worker processes read it again, with the configured weights
+    return value
 
 
 def worker_main(argv=None):
@@ -34,6 +45,12 @@ def worker_main(argv=None):
         parser.error("at least one database is needed (-d)")
     config.update_etc(options.configfile)
     commandline.config_log(options)
+
+    from . import settings
+    try:
+        settings.queue_weights()
+    except ValueError as exc:
+        parser.error(str(exc))
 
     from trytond.pool import Pool
 

@@ -24,23 +24,26 @@ from .relay import relay_pending
 from .rows import read_rows, task_queues
 from .runner import Runner, database_errors
 from .stopping import Stopper, start_listeners
+from .weights import DEFAULT_WEIGHT, WeightedBuffer, parse_queue
 
 logger = logging.getLogger(__name__)
 
 
 class WorkerProcess(Runner):
-    "One worker process: receiver threads feeding one executor."
+    """One worker process: receiver threads feeding one executor.
+
+    queue_names are NAME or NAME:WEIGHT, as --queue takes them."""
 
     def __init__(self, database_names, queue_names=None, prefetch=None,
             relay=False, watch=None):
         self.database_names = database_names
-        self.queue_names = queue_names
+        self.queue_names, self.weights = self.read_weights(queue_names)
         self.prefetch = prefetch or settings.prefetch()
         self.relay = relay
         self.stopping = threading.Event()
         super().__init__('%s:%s' % (socket.gethostname(), os.getpid()),
             Heartbeat(self.stopping), watch, Stopper(watch))
-        self.buffer = queue_module.Queue()
+        self.buffer = WeightedBuffer()
         self.to_delete = defaultdict(list)
         self.next_relay = 0
 
@@ -54,6 +57,20 @@ class WorkerProcess(Runner):
             if database_name not in database_list:
                 with Transaction().start(database_name, 0, readonly=True):
                     pool.init()
+
+    @staticmethod
+    def read_weights(queue_specs):
+        """Return the queue names of the specs (None for none) and the
+        weight of each queue: that of its spec, else of queue_weights."""
+        weights = settings.queue_weights()
+        if not queue_specs:
+            return None, weights
+        names = []
+        for name, weight in map(parse_queue, queue_specs):
+            names.append(name)
+            if weight is not None:
+                weights[name] = weight
+        return names, weights
 
     def queues(self):
         "Return (database, queue name) of every queue to listen on."
@@ -77,7 +94,7 @@ class WorkerProcess(Runner):
         threading.Thread(
             target=self.heartbeat.run, name='heartbeat', daemon=True).start()
         logger.info("ready, pid %s listens on %s", os.getpid(),
-            ', '.join(r.queue_name for r in receivers))
+            self.listening(receivers))
         try:
             while not self.stopping.is_set():
                 self.run_once()
@@ -98,11 +115,22 @@ class WorkerProcess(Runner):
             url = self.queue_url(transport, queue_name)
             if url is None:
                 return None
+            # a lane each: the buffer takes from them by weight
+            lane = self.buffer.lane((database_name, queue_name),
+                self.weights.get(name, DEFAULT_WEIGHT))
             receiver = Receiver(database_name, queue_name, url,
-                self.prefetch, self.buffer, self.heartbeat, self.stopping)
+                self.prefetch, lane, self.heartbeat, self.stopping)
             receiver.start()
             receivers.append(receiver)
         return receivers
+
+    def listening(self, receivers):
+        "Return the queues of the receivers, with their weights if any."
+        if not self.buffer.weighted:
+            return ', '.join(r.queue_name for r in receivers)
+        return ', '.join('%s (weight %s)' % (r.queue_name,
+                self.buffer.weights[(r.database_name, r.queue_name)])
+            for r in receivers)
 
     def run_once(self):
         "Relay if due, then handle the next message held, if any."
@@ -198,16 +226,8 @@ class WorkerProcess(Runner):
         delivers none of the group while it is hidden."""
         if not received.group or not sqs.is_fifo(received.url):
             return
-        kept, back = [], []
-        while True:
-            try:
-                other = self.buffer.get_nowait()
-            except queue_module.Empty:
-                break
-            same = (other.url, other.group) == (received.url, received.group)
-            (back if same else kept).append(other)
-        for other in kept:
-            self.buffer.put(other)
+        back = self.buffer.take_out(lambda other:
+            (other.url, other.group) == (received.url, received.group))
         for other in back:
             self.heartbeat.release(other)
             other.slots.release()

@@ -3,6 +3,8 @@
 "Every option of the [async_sqs] section of trytond.conf and its default."
 from trytond import config
 
+from .weights import parse_weights
+
 SECTION = 'async_sqs'
 
 
@@ -114,6 +116,13 @@ def prefetch():
     """Messages a worker process holds at most per queue, received and not
     finished (1 to 100)."""
     return _getint('prefetch', 10, 1, 100)
+
+
+def queue_weights():
+    """Weight of each queue named, read from NAME:WEIGHT entries separated
+    by commas or lines (1 to 100): a worker process takes the messages of
+    its queues in proportion; a queue not named weighs 1."""
+    return parse_weights(_get('queue_weights'))
 
 
 def calls_per_message():

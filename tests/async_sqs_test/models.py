@@ -93,6 +93,14 @@ class Item(ModelSQL):
         cls.create([{'name': name}])
         return name
 
+    @async_task()
+    @classmethod
+    def create_in_turn(cls, name, value):
+        """Create an item, a little later: the ids tell the order of the runs
+        of calls that last longer than a receive."""
+        time.sleep(0.05)
+        cls.create([{'name': name, 'value': value}])
+
     @async_task(ignore_result=False)
     @classmethod
     def sleep_then_pid(cls, seconds):
