@@ -107,6 +107,8 @@ CLK_TCK = os.sysconf('SC_CLK_TCK')
 #: moto's cost per message grows with the depth of the queue
 FULL_QUEUES = 4
 QUEUE_DEPTH = 500
+#: --profile: the functions printed per thread, by time
+PROFILE_TOP = 25
 #: Label of the figures of calls that share messages, ten to a message.
 PACKED = ' (10 calls per message)'
 #: --http: the model of the bench module the routes call
@@ -147,6 +149,12 @@ def parse_args(argv=None):
         help="only the HTTP routes under ab: fire-and-forget, ?wait=%s and "
         "trytond's REST route, served by the trytond command" % (
             HTTP_WAIT_SECONDS))
+    parser.add_argument('--profile', action='store_true',
+        help="only drain N no-op calls with a worker process run in this "
+        "process, each thread under cProfile (CPU time); print the "
+        "profiles")
+    parser.add_argument('--packed', action='store_true',
+        help="--profile: the no-op with ten calls per message")
     parser.add_argument('-n', type=int, default=None, metavar='N',
         help="calls per measurement (default 500, 20 with --quick, "
         "1000 with --http)")
@@ -1072,6 +1080,63 @@ class Bench:
         self.results.add('async_sqs %s awaits, %s: loop lag max' % (
                 n, label), n, max(lags or [0]) * 1000, 'ms')
 
+    # -- profile
+    def profile(self, n, method='noop', top=PROFILE_TOP):
+        """Drain n deferred calls with a worker process run here, each of its
+        threads under a cProfile of its own CPU time (time.thread_time);
+        print where each thread spent it."""
+        import cProfile
+        import pstats
+        import threading
+
+        from trytond.modules.async_sqs.process import WorkerProcess
+        self.prefix()
+        self.defer_noops(n, method=method)
+        worker = WorkerProcess([DATABASE])
+
+        def stop_when_done():
+            while self.count("SELECT count(*) FROM async_sqs_task "
+                    "WHERE state IN ('done', 'failed')") < n:
+                time.sleep(POLL_INTERVAL)
+            worker.stop()
+        stopper = threading.Thread(target=stop_when_done, daemon=True)
+        stopper.start()
+        profiles = []
+        run = threading.Thread.run
+
+        def profiled(thread):
+            profile = cProfile.Profile(time.thread_time)
+            profiles.append((thread.name, profile))
+            profile.runcall(run, thread)
+        main = cProfile.Profile(time.thread_time)
+        profiles.append(('main (runs the calls)', main))
+        threading.Thread.run = profiled
+        cpu0, t0 = own_cpu(), time.perf_counter()
+        try:
+            main.runcall(worker.run)
+        finally:
+            threading.Thread.run = run
+        elapsed, cpu = time.perf_counter() - t0, own_cpu() - cpu0
+        (done,), = self.sql("SELECT count(*) FROM async_sqs_task "
+            "WHERE state = 'done'")
+        say("profile: %s calls done in %.1f s, %.2f ms of CPU per call "
+            "under the profiler (this process: the worker and the count "
+            "of the rows)" % (done, elapsed, cpu * 1000 / n))
+        totals = {}
+        for name, profile in profiles:
+            stats = pstats.Stats(profile)
+            totals[name] = stats.total_tt
+        whole = sum(totals.values()) or 1
+        for name, profile in profiles:
+            print()
+            print("== thread %s: %.0f ms of CPU, %.2f ms per call, %.0f %% of "
+                "the threads'" % (name, totals[name] * 1000,
+                    totals[name] * 1000 / n, totals[name] * 100 / whole))
+            stats = pstats.Stats(profile)
+            stats.sort_stats('tottime').print_stats(top)
+            if profile is main:
+                stats.sort_stats('cumulative').print_stats(top)
+
     # -- ir.queue
     def queue_enqueue(self, n):
         from trytond.pool import Pool
@@ -1400,6 +1465,10 @@ def run(options, directory, results):
             say("PostgreSQL on port %s" % postgres.port)
         bench = Bench(options, directory, moto, postgres, results)
         bench.create_database()
+        if options.profile:
+            bench.profile(options.n,
+                method='noop_packed' if options.packed else 'noop')
+            return bench.problems
         if options.http:
             bench.http()
             add_http_ratios(results)
@@ -1442,7 +1511,7 @@ def run(options, directory, results):
         if postgres is not None:
             postgres.stop()
         moto.stop()
-    if not options.awaits:
+    if not (options.awaits or options.profile):
         add_ratios(results, options)
     return bench.problems
 
