@@ -17,7 +17,7 @@ import threading
 
 from trytond import config
 
-from . import settings
+from . import settings, sqs
 from .limits import Watch
 from .message import check_signing
 from .process import WorkerProcess
@@ -75,9 +75,9 @@ def _record_time_limit(entry):
 
 
 def preload_pools(database_names):
-    """Initialise the pool of each database here, before the worker
-    processes fork, so that they share its pages (copy-on-write), the
-    processes started again too.
+    """Initialise the pool of each database here, and load what an SQS
+    client is made of, before the worker processes fork, so that they share
+    those pages (copy-on-write), the processes started again too.
 
     No connection outlives it: a child must not use its parent's. A
     database whose pool fails here is left to each process, which tries
@@ -102,6 +102,11 @@ def preload_pools(database_names):
         except Exception:
             logger.warning("the connections to %s could not be closed",
                 database_name, exc_info=True)
+    try:
+        sqs.preload()
+    except Exception:
+        logger.warning("the SQS client is left to each worker process",
+            exc_info=True)
     # what the pools hold lives as long as the processes: the collector
     # leaves it, and so the shared pages, untouched
     gc.collect()
