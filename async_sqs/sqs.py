@@ -35,6 +35,9 @@ MAX_DELAY = 900
 MAX_MESSAGE_SIZE = 1024 * 1024
 #: Most queue URLs one ListQueues call returns.
 MAX_LIST_RESULTS = 1000
+#: Region of the client preload() makes when none is configured: what it
+#: loads is the same for every region.
+PRELOAD_REGION = 'us-east-1'
 
 _NOT_IN_ALPHABET = re.compile(r'[^A-Za-z0-9_-]')
 _TASK_ID = re.compile(r'^[0-9a-f]{32}$')
@@ -43,6 +46,7 @@ _MISSING_QUEUE_CODES = {
 
 _local = {}
 _lock = threading.Lock()
+_loader = None
 
 
 def entry_size(entry):
@@ -210,6 +214,29 @@ def is_missing_queue(exc):
         and exc.response.get('Error', {}).get('Code') in _MISSING_QUEUE_CODES)
 
 
+def _session():
+    """Return a new botocore session that shares the process's data loader:
+    the SQS model and the endpoints of every service, megabytes once
+    parsed, are read once per process, and by the worker processes not at
+    all when preload() ran before they forked."""
+    global _loader
+    session = botocore.session.get_session()
+    # client() calls this under _lock; two threads racing here would only
+    # each keep a loader
+    if _loader is None:
+        _loader = session.get_component('data_loader')
+    session.register_component('data_loader', _loader)
+    return session
+
+
+def preload():
+    """Load what an SQS client is made of, without a client kept, a request
+    or credentials: done before the worker processes fork, they share it."""
+    _session().create_client('sqs',
+        region_name=settings.region() or PRELOAD_REGION,
+        aws_access_key_id='preload', aws_secret_access_key='preload')
+
+
 def _client_key():
     return (os.getpid(), settings.endpoint_url(), settings.region(),
         settings.access_key(), settings.secret_key(), settings.max_attempts())
@@ -235,7 +262,7 @@ class Transport:
             max_attempts):
         # botocore's session, as boto3's wraps it: boto3's own import adds
         # s3transfer and its resources, megabytes per worker process
-        self.sqs = botocore.session.get_session().create_client('sqs',
+        self.sqs = _session().create_client('sqs',
             region_name=region,
             endpoint_url=endpoint_url,
             aws_access_key_id=access_key,

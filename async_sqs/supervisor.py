@@ -3,10 +3,12 @@
 """trytond-async-worker: the main process, which supervises the worker
 processes.
 
-Each process initialises the Tryton pool of its databases once, long-polls
-its queues from receiver threads and runs the calls one at a time, each in
-its own transaction as the recorded user with the recorded context."""
+It initialises the Tryton pool of its databases before it forks them, so
+that they share its pages; each process long-polls its queues from receiver
+threads and runs the calls one at a time, each in its own transaction as
+the recorded user with the recorded context."""
 import ctypes
+import gc
 import logging
 import multiprocessing
 import os
@@ -15,7 +17,7 @@ import threading
 
 from trytond import config
 
-from . import settings
+from . import settings, sqs
 from .limits import Watch
 from .message import check_signing
 from .process import WorkerProcess
@@ -75,6 +77,45 @@ def _record_time_limit(entry):
         raise
 
 
+def preload_pools(database_names):
+    """Initialise the pool of each database here, and load what an SQS
+    client is made of, before the worker processes fork, so that they share
+    those pages (copy-on-write), the processes started again too.
+
+    No connection outlives it: a child must not use its parent's. A
+    database whose pool fails here is left to each process, which tries
+    again on its own."""
+    from trytond import backend
+    from trytond.pool import Pool
+    for database_name in database_names:
+        if database_name in Pool.database_list():
+            continue
+        try:
+            Pool(database_name).init()
+        except Exception:
+            # Pool() lists the database before its init: unlisted, each
+            # process inits it
+            Pool.stop(database_name)
+            logger.warning("the pool of %s is left to each worker process",
+                database_name, exc_info=True)
+        try:
+            # as trytond's WSGI application does before a server forks:
+            # PostgreSQL keeps a pool of connections per database
+            backend.Database(database_name).close()
+        except Exception:
+            logger.warning("the connections to %s could not be closed",
+                database_name, exc_info=True)
+    try:
+        sqs.preload()
+    except Exception:
+        logger.warning("the SQS client is left to each worker process",
+            exc_info=True)
+    # what the pools hold lives as long as the processes: the collector
+    # leaves it, and so the shared pages, untouched
+    gc.collect()
+    gc.freeze()
+
+
 def work(options):
     """Run the worker processes until SIGTERM or SIGINT.
 
@@ -93,6 +134,7 @@ def work(options):
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     processes = options.processes or 1
+    preload_pools(options.database_names)
     logger.info("start %d worker process(es) on %s", processes,
         ', '.join(options.database_names))
     Supervisor(options, processes, stopping).run()

@@ -24,6 +24,13 @@ its own moto server on 127.0.0.1, creates the database and measures,
   SQLite has not);
 - Celery: N apply_async, celery worker -P prefork -c 2.
 
+Each drain also gives the CPU per task of the worker command and its
+child processes (user+system from /proc, from the first task done to the
+last, over the tasks done meanwhile), beside the raw consumer's (this
+process's CPU over the receive+delete drain), and, once the last task is
+done, the VmRSS and PSS (/proc/PID/smaps_rollup) of each child and the PSS
+of the command and its children together.
+
 --db sqlite (the default) creates a SQLite file in a temp dir. --db
 postgresql starts a throwaway PostgreSQL cluster in that temp dir (the
 newest /usr/lib/postgresql/*/bin, installed with apt-get by scripts/lib.sh
@@ -90,6 +97,9 @@ REGION = 'us-east-1'
 STOP_TIMEOUT = 30
 #: Seconds between two counts of the finished tasks.
 POLL_INTERVAL = 0.1
+#: Seconds between two counts until the first task is finished, from when
+#: the CPU of a worker counts.
+FIRST_POLL_INTERVAL = 0.01
 #: Longest a drain may take before the benchmark gives up.
 DRAIN_TIMEOUT = 600
 CLK_TCK = os.sysconf('SC_CLK_TCK')
@@ -97,6 +107,8 @@ CLK_TCK = os.sysconf('SC_CLK_TCK')
 #: moto's cost per message grows with the depth of the queue
 FULL_QUEUES = 4
 QUEUE_DEPTH = 500
+#: --profile: the functions printed per thread, by time
+PROFILE_TOP = 25
 #: Label of the figures of calls that share messages, ten to a message.
 PACKED = ' (10 calls per message)'
 #: --http: the model of the bench module the routes call
@@ -137,6 +149,12 @@ def parse_args(argv=None):
         help="only the HTTP routes under ab: fire-and-forget, ?wait=%s and "
         "trytond's REST route, served by the trytond command" % (
             HTTP_WAIT_SECONDS))
+    parser.add_argument('--profile', action='store_true',
+        help="only drain N no-op calls with a worker process run in this "
+        "process, each thread under cProfile (CPU time); print the "
+        "profiles")
+    parser.add_argument('--packed', action='store_true',
+        help="--profile: the no-op with ten calls per message")
     parser.add_argument('-n', type=int, default=None, metavar='N',
         help="calls per measurement (default 500, 20 with --quick, "
         "1000 with --http)")
@@ -284,6 +302,23 @@ def rss_mib(pid):
     return None
 
 
+def own_cpu():
+    "Return the user+system CPU seconds of this process (finer than ticks)."
+    return time.process_time()
+
+
+def pss_mib(pid):
+    "Return the proportional set size in MiB: shared pages count a share."
+    try:
+        with open('/proc/%s/smaps_rollup' % pid) as fp:
+            for line in fp:
+                if line.startswith('Pss:'):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def process_cpu(pid):
     "Return the CPU seconds of the process and of its children."
     total = 0
@@ -295,10 +330,29 @@ def process_cpu(pid):
     return total
 
 
-def child_rss(pid):
-    "Return the mean VmRSS in MiB of the child processes of pid."
-    values = [v for v in map(rss_mib, children(pid)) if v is not None]
-    return statistics.mean(values) if values else None
+def memory(pid):
+    """Return the mean VmRSS and PSS in MiB of the child processes of pid,
+    and the PSS of them all with pid."""
+    pids = children(pid)
+    rss = [v for v in map(rss_mib, pids) if v is not None]
+    pss = [v for v in map(pss_mib, pids) if v is not None]
+    total = [v for v in map(pss_mib, [pid] + pids) if v is not None]
+    return (statistics.mean(rss) if rss else None,
+        statistics.mean(pss) if pss else None,
+        sum(total) if total else None)
+
+
+class Usage:
+    """What a worker command cost while it drained: moto's CPU seconds,
+    its own CPU seconds over the tasks done meanwhile, and its memory."""
+
+    def __init__(self, moto_cpu, cpu, tasks, rss, pss, pss_total):
+        self.moto_cpu = moto_cpu
+        self.cpu = cpu
+        self.tasks = tasks
+        self.rss = rss
+        self.pss = pss
+        self.pss_total = pss_total
 
 
 class Process:
@@ -537,7 +591,7 @@ class Results:
             entry['rss'].append(rss)
         self.write(dict(kind='sample', figure=figure, n=n, value=value,
                 unit=unit, moto_cpu_s=moto_cpu, rss_mib=rss, **extra))
-        say("%-60s %10.1f %s" % (figure, value, unit))
+        say("%-68s %10.1f %s" % (figure, value, unit))
 
     def median(self, figure):
         entry = self.figures.get(figure)
@@ -560,7 +614,7 @@ class Results:
 
     def table(self):
         lines = []
-        header = ('%-60s %5s %10s %21s %-6s %13s %8s' % (
+        header = ('%-68s %5s %10s %21s %-6s %13s %8s' % (
                 'figure', 'N', 'median', 'min-max', 'unit',
                 'moto CPU ms/msg', 'RSS MiB'))
         lines.append(header)
@@ -573,7 +627,7 @@ class Results:
                 if e['moto_cpu'] else '%13s' % '')
             rss = ('%8.0f' % statistics.median(e['rss'])
                 if e['rss'] else '%8s' % '')
-            lines.append('%-60s %5i %10.1f %10.1f-%-10.1f %-6s %s %s' % (
+            lines.append('%-68s %5i %10.1f %10.1f-%-10.1f %-6s %s %s' % (
                     figure, e['n'], statistics.median(values), min(values),
                     max(values), e['unit'], cpu, rss))
         lines.append('')
@@ -721,7 +775,7 @@ class Bench:
         return os.path.join(self.directory, '%s-%s.log' % (
                 name, self.sequence))
 
-    def wait_for(self, predicate, process, what):
+    def wait_for(self, predicate, process, what, interval=POLL_INTERVAL):
         deadline = time.monotonic() + DRAIN_TIMEOUT
         while True:
             value = predicate()
@@ -732,22 +786,48 @@ class Bench:
             if time.monotonic() > deadline:
                 raise RuntimeError("%s: not done in %s s" % (
                         what, DRAIN_TIMEOUT))
-            time.sleep(POLL_INTERVAL)
+            time.sleep(interval)
 
     # -- raw boto3
     def count(self, query):
         "Return the number a SELECT count(*) query gives."
         return self.sql(query)[0][0]
 
-    def drain(self, worker, cpu0, finished, what):
-        """Wait until finished() with the worker running, then stop it.
+    def drain(self, worker, cpu0, done, n, what):
+        """Wait until done() counts n tasks with the worker running, then
+        stop it; return its Usage.
 
-        Return moto's CPU seconds since cpu0 and the worker's RSS."""
+        Its CPU is that of the command and its children from the first task
+        done to the last: the start-up (imports, pool) is left out."""
         try:
-            self.wait_for(finished, worker, what)
-            return self.moto.cpu() - cpu0, child_rss(worker.pid)
+            # a finer poll: a small N may be done in a few polls
+            self.wait_for(lambda: done() >= 1, worker, what,
+                FIRST_POLL_INTERVAL)
+            first, cpu_first = done(), process_cpu(worker.pid)
+
+            def finished():
+                count = done()
+                return count if count >= n else 0
+            last = self.wait_for(finished, worker, what)
+            cpu = process_cpu(worker.pid) - cpu_first
+            moto_cpu = self.moto.cpu() - cpu0
+            rss, pss, pss_total = memory(worker.pid)
+            return Usage(moto_cpu, cpu, last - first, rss, pss, pss_total)
         finally:
             worker.stop()
+
+    def add_usage(self, figure, n, usage, memory=True):
+        "Add the rows of the worker's CPU per task and of its memory."
+        if usage.tasks:
+            self.results.add(figure + ': worker CPU per task', usage.tasks,
+                usage.cpu * 1000 / usage.tasks, 'ms')
+        if not memory:
+            return
+        for label, value in [('RSS per process', usage.rss),
+                ('PSS per process', usage.pss),
+                ('PSS of all processes', usage.pss_total)]:
+            if value is not None:
+                self.results.add('%s: %s' % (figure, label), n, value, 'MiB')
 
     def boto3_client(self):
         import boto3
@@ -776,6 +856,7 @@ class Bench:
             'msg/s', cpu)
         received = 0
         cpu0, t0 = self.moto.cpu(), time.perf_counter()
+        own0 = own_cpu()
         while received < n:
             messages = client.receive_message(QueueUrl=url,
                 MaxNumberOfMessages=10, WaitTimeSeconds=1).get(
@@ -786,8 +867,11 @@ class Bench:
                         for i, m in enumerate(messages)])
             received += len(messages)
         elapsed, cpu = time.perf_counter() - t0, self.moto.cpu() - cpu0
+        own = own_cpu() - own0
         self.results.add('raw boto3 receive 10 + delete batch', n,
             n / elapsed, 'msg/s', cpu)
+        self.results.add('raw boto3 receive 10 + delete batch: consumer CPU '
+            'per message', n, own * 1000 / n, 'ms')
 
     def raw_round_trip(self, calls):
         self.prefix()
@@ -876,9 +960,9 @@ class Bench:
         self.defer_noops(n, queues, method)
         cpu0 = self.moto.cpu()
         worker = self.async_worker(prefix, processes, queues)
-        cpu, rss = self.drain(worker, cpu0, lambda: self.count(
+        usage = self.drain(worker, cpu0, lambda: self.count(
                 "SELECT count(*) FROM async_sqs_task "
-                "WHERE state IN ('done', 'failed')") >= n, 'async_sqs drain')
+                "WHERE state IN ('done', 'failed')"), n, 'async_sqs drain')
         (first, last, failed), = self.sql(
             "SELECT min(started_at), max(finished_at), "
             "count(CASE WHEN state = 'failed' THEN 1 END) "
@@ -887,9 +971,12 @@ class Bench:
             say("%s call(s) failed, see %s" % (failed, worker.log_path))
         first, last = span(first, last, worker.started)
         figure = 'async_sqs drain -n %s%s' % (processes, label)
-        self.results.add(figure, n, n / (last - first), 'task/s', cpu, rss)
+        self.results.add(figure, n, n / (last - first), 'task/s',
+            usage.moto_cpu, usage.rss)
         self.results.add(figure + ' incl. start-up', n,
-            n / (last - worker.started), 'task/s', cpu, rss)
+            n / (last - worker.started), 'task/s', usage.moto_cpu, usage.rss)
+        # the memory of a process is the same with calls packed
+        self.add_usage(figure, n, usage, memory=not label)
 
     def async_full(self):
         """The enqueue and drain -n 2 of N=2000 over 4 queues of 500, each
@@ -993,6 +1080,69 @@ class Bench:
         self.results.add('async_sqs %s awaits, %s: loop lag max' % (
                 n, label), n, max(lags or [0]) * 1000, 'ms')
 
+    # -- profile
+    def profile(self, n, method='noop', top=PROFILE_TOP):
+        """Drain n deferred calls with a worker process run here, each of its
+        threads under a cProfile of its own CPU time (time.thread_time);
+        print where each thread spent it."""
+        import cProfile
+        import pstats
+        import threading
+
+        from trytond.modules.async_sqs.process import WorkerProcess
+        self.prefix()
+        self.defer_noops(n, method=method)
+        worker = WorkerProcess([DATABASE])
+
+        def stop_when_done():
+            while self.count("SELECT count(*) FROM async_sqs_task "
+                    "WHERE state IN ('done', 'failed')") < n:
+                time.sleep(POLL_INTERVAL)
+            worker.stop()
+        stopper = threading.Thread(target=stop_when_done, daemon=True)
+        stopper.start()
+        profiles = []
+        run = threading.Thread.run
+
+        def profiled(thread):
+            profile = cProfile.Profile(time.thread_time)
+            profiles.append((thread, profile))
+            profile.runcall(run, thread)
+        main = cProfile.Profile(time.thread_time)
+        profiles.append((None, main))
+        threading.Thread.run = profiled
+        cpu0, t0 = own_cpu(), time.perf_counter()
+        try:
+            main.runcall(worker.run)
+        finally:
+            threading.Thread.run = run
+        elapsed, cpu = time.perf_counter() - t0, own_cpu() - cpu0
+        (done,), = self.sql("SELECT count(*) FROM async_sqs_task "
+            "WHERE state = 'done'")
+        say("profile: %s calls done in %.1f s, %.2f ms of CPU per call "
+            "under the profiler (this process: the worker and the count "
+            "of the rows)" % (done, elapsed, cpu * 1000 / n))
+        # a thread still running (trytond's status dumper) would be read
+        # with this thread's clock: left out
+        for thread, _ in profiles:
+            if thread is not None and thread.is_alive():
+                say("profile: thread %s still runs, left out" % thread.name)
+        profiles = [(t.name if t else 'main (runs the calls)', p)
+            for t, p in profiles if t is None or not t.is_alive()]
+        totals = {}
+        for name, profile in profiles:
+            totals[name] = pstats.Stats(profile).total_tt
+        whole = sum(totals.values()) or 1
+        for name, profile in profiles:
+            print()
+            print("== thread %s: %.0f ms of CPU, %.2f ms per call, %.0f %% of "
+                "the threads'" % (name, totals[name] * 1000,
+                    totals[name] * 1000 / n, totals[name] * 100 / whole))
+            stats = pstats.Stats(profile)
+            stats.sort_stats('tottime').print_stats(top)
+            if profile is main:
+                stats.sort_stats('cumulative').print_stats(top)
+
     # -- ir.queue
     def queue_enqueue(self, n):
         from trytond.pool import Pool
@@ -1019,9 +1169,9 @@ class Bench:
         worker = Process([os.path.join(BIN, 'trytond-worker'),
                 '-c', self.config_path, '-d', DATABASE, '-n', str(processes)],
             self.log_path('trytond-worker'), env=self.env)
-        _, rss = self.drain(worker, self.moto.cpu(), lambda: self.count(
+        usage = self.drain(worker, self.moto.cpu(), lambda: self.count(
                 "SELECT count(*) FROM ir_queue "
-                "WHERE finished_at IS NOT NULL") >= n, 'ir.queue drain')
+                "WHERE finished_at IS NOT NULL"), n, 'ir.queue drain')
         # dequeued_at is the server's CURRENT_TIMESTAMP, finished_at the
         # worker's datetime.now(): both UTC, as trytond sets TZ=UTC in each
         # process and PGTZ from it, and span() checks it
@@ -1029,9 +1179,11 @@ class Bench:
             "SELECT min(dequeued_at), max(finished_at) FROM ir_queue")
         first, last = span(first, last, worker.started)
         figure = 'ir.queue trytond-worker -n %s' % processes
-        self.results.add(figure, n, n / (last - first), 'task/s', rss=rss)
+        self.results.add(figure, n, n / (last - first), 'task/s',
+            rss=usage.rss)
         self.results.add(figure + ' incl. start-up', n,
-            n / (last - worker.started), 'task/s', rss=rss)
+            n / (last - worker.started), 'task/s', rss=usage.rss)
+        self.add_usage(figure, n, usage)
 
     # -- Celery
     def celery_env(self):
@@ -1062,21 +1214,23 @@ class Bench:
                 '--without-gossip', '--without-mingle', '--without-heartbeat',
                 '-l', 'warning'], self.log_path('celery'), env=env, cwd=HERE)
 
-        def finished():
+        def done():
             try:
                 with open(done_file) as fp:
-                    return fp.read().count('\n') >= n
+                    return fp.read().count('\n')
             except FileNotFoundError:
-                return False
-        cpu, rss = self.drain(worker, cpu0, finished, 'Celery drain')
+                return 0
+        usage = self.drain(worker, cpu0, done, n, 'Celery drain')
         with open(done_file) as fp:
             times = [tuple(map(float, line.split())) for line in fp]
         first = min(t[0] for t in times)
         last = max(t[1] for t in times)
         figure = 'Celery worker prefork -c %s' % processes
-        self.results.add(figure, n, n / (last - first), 'task/s', cpu, rss)
+        self.results.add(figure, n, n / (last - first), 'task/s',
+            usage.moto_cpu, usage.rss)
         self.results.add(figure + ' incl. start-up', n,
-            n / (last - worker.started), 'task/s', cpu, rss)
+            n / (last - worker.started), 'task/s', usage.moto_cpu, usage.rss)
+        self.add_usage(figure, n, usage)
 
     # -- HTTP routes
     def create_keys(self):
@@ -1317,6 +1471,10 @@ def run(options, directory, results):
             say("PostgreSQL on port %s" % postgres.port)
         bench = Bench(options, directory, moto, postgres, results)
         bench.create_database()
+        if options.profile:
+            bench.profile(options.n,
+                method='noop_packed' if options.packed else 'noop')
+            return bench.problems
         if options.http:
             bench.http()
             add_http_ratios(results)
@@ -1359,7 +1517,7 @@ def run(options, directory, results):
         if postgres is not None:
             postgres.stop()
         moto.stop()
-    if not options.awaits:
+    if not (options.awaits or options.profile):
         add_ratios(results, options)
     return bench.problems
 
@@ -1426,18 +1584,21 @@ def add_ratios(results, options):
                 figure + one, figure + many,
                 note="rate of '%s' / rate of '%s'" % (
                     figure + one, figure + many))
-    rss = {}
-    for figure in ('async_sqs drain -n 2', 'ir.queue trytond-worker -n 2',
-            'Celery worker prefork -c 2'):
-        entry = results.figures.get(figure)
-        rss[figure] = (statistics.median(entry['rss'])
-            if entry and entry['rss'] else None)
-    r('worker RSS per process / trytond-worker', None, None,
-        median=(rss['async_sqs drain -n 2'],
-            rss['ir.queue trytond-worker -n 2']))
-    r('worker RSS per process / Celery prefork child', None, None,
-        median=(rss['async_sqs drain -n 2'],
-            rss['Celery worker prefork -c 2']))
+    drain = 'async_sqs drain -n 2'
+    peers = [('trytond-worker', 'ir.queue trytond-worker -n 2'),
+        ('Celery prefork', 'Celery worker prefork -c 2')]
+    for label in ('RSS per process', 'PSS per process',
+            'PSS of all processes'):
+        for name, peer in peers:
+            r('worker %s / %s' % (label, name), '%s: %s' % (drain, label),
+                '%s: %s' % (peer, label))
+    cpu = ': worker CPU per task'
+    r('worker CPU per task / raw boto3 consumer', drain + cpu,
+        'raw boto3 receive 10 + delete batch: consumer CPU per message')
+    for name, peer in peers:
+        r('worker CPU per task / %s' % name, drain + cpu, peer + cpu)
+    r('worker CPU per task%s / Celery prefork' % PACKED,
+        drain + PACKED + cpu, 'Celery worker prefork -c 2' + cpu)
 
 
 def terminate(signum, frame):

@@ -34,6 +34,25 @@ ROWS = [
     'async_sqs defer().wait() p50',
     'async_sqs defer().wait() p95',
     ]
+#: Rows of the cost of a worker the quick run must print, whatever their
+#: value: its CPU per task beside the raw consumer's, its memory.
+USAGE_ROWS = [
+    'raw boto3 receive 10 + delete batch: consumer CPU per message',
+    'async_sqs drain -n 1: worker CPU per task',
+    'async_sqs drain -n 2: worker CPU per task',
+    'async_sqs drain -n 2: RSS per process',
+    'async_sqs drain -n 2: PSS per process',
+    'async_sqs drain -n 2: PSS of all processes',
+    ]
+#: Ratios of the cost of a worker the quick run must print, n/a or not.
+USAGE_RATIOS = [
+    'worker RSS per process / trytond-worker',
+    'worker PSS per process / trytond-worker',
+    'worker PSS of all processes / trytond-worker',
+    'worker CPU per task / raw boto3 consumer',
+    'worker CPU per task / trytond-worker',
+    'worker CPU per task / Celery prefork',
+    ]
 #: Rows the HTTP run must print with a positive median, per route.
 HTTP_ROUTES = [
     'HTTP async_sqs fire-and-forget (202)',
@@ -69,6 +88,14 @@ def test_bench_quick():
         assert match, "%r missing from:\n%s" % (row, table)
         n, median = int(match.group(1)), float(match.group(2))
         assert n > 0 and median > 0, (row, n, median)
+    for row in USAGE_ROWS:
+        assert re.search(r'^%s\s+\d+\s+[0-9.]+\s+[0-9.]+-[0-9.]+\s+(ms|MiB)\s'
+            % re.escape(row), table, re.MULTILINE), (
+            "%r missing from:\n%s" % (row, table))
+    ratios = table[table.index('\nratios (of medians)'):]
+    for ratio in USAGE_RATIOS:
+        assert re.search(r'^  %s\s+(n/a|[0-9.]+)$' % re.escape(ratio),
+            ratios, re.MULTILINE), "%r missing from:\n%s" % (ratio, ratios)
     try:
         import celery  # noqa: F401
     except ImportError:

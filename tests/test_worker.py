@@ -257,6 +257,38 @@ def test_dead_worker_process_replaced(database, start_worker):
     assert handle.wait(60)['pid'] != pid
 
 
+def test_processes_share_the_supervisor_pool(database, start_worker):
+    "The supervisor inits the pool once, before its processes fork"
+    import os
+    import re
+    import signal
+
+    def inheritable():
+        "Return what the supervisor holds open that a child would share."
+        fds = '/proc/%s/fd' % worker.process.pid
+        targets = []
+        for fd in os.listdir(fds):
+            try:
+                targets.append(os.readlink(os.path.join(fds, fd)))
+            except FileNotFoundError:
+                pass
+        return [t for t in targets if t.startswith('socket:')
+            or '%s.sqlite' % database in t]
+    worker = start_worker(processes=2)
+    assert worker.output().count('init pool for "%s"' % database) == 1
+    assert inheritable() == []
+    pid = int(re.search(r'ready, pid (\d+)', worker.output()).group(1))
+    os.kill(pid, signal.SIGKILL)
+    worker.wait_for_log('exited with -9')
+    worker.ready(count=3)
+    # the process started again forked from the same pool
+    assert worker.output().count('init pool for "%s"' % database) == 1
+    assert inheritable() == []
+    handle = defer(database, lambda pool: pool.get(
+            'async_sqs.test.item').echo.defer('shared pool'))
+    assert handle.wait(60)['args'] == ['shared pool']
+
+
 def test_prefetch_spreads_slow_calls(database, start_worker):
     "With a prefetch of one, two slow calls go to two processes at once"
     start_worker(processes=2, options={'prefetch': '1'})
