@@ -103,6 +103,9 @@ class Task(ModelSQL, ModelView):
                     (t.enqueued_at, Index.Range())),
                 # the statistics read the calls of a period
                 Index(t, (t.enqueued_at, Index.Range())),
+                # the cleaning deletes the calls finished before a time
+                Index(t, (t.finished_at, Index.Range()),
+                    where=t.state.in_(list(FINISHED))),
                 })
         cls._order = [('enqueued_at', 'DESC'), ('id', 'DESC')]
         cls._buttons.update({
