@@ -24,7 +24,8 @@ logger = logging.getLogger(__name__)
 TaskOptions = namedtuple('TaskOptions', [
         'ignore_result', 'queue', 'visibility_timeout', 'delay', 'retries',
         'retry_backoff', 'calls_per_message', 'time_limit',
-        'soft_time_limit', 'tenant'], defaults=[None, None, None])
+        'soft_time_limit', 'tenant', 'unique'],
+    defaults=[None, None, None, False])
 TaskOptions.__doc__ = "The options a method is decorated with."
 
 #: Longest postponement, in seconds: SQS keeps a message 14 days at most.
@@ -60,7 +61,7 @@ def check_time_limits(time_limit, soft_time_limit):
 
 def async_task(ignore_result=True, queue=None, visibility_timeout=None,
         delay=0, retries=0, retry_backoff=10, calls_per_message=None,
-        time_limit=None, soft_time_limit=None, tenant=None):
+        time_limit=None, soft_time_limit=None, tenant=None, unique=False):
     """Mark a method of a model, wizard or report as deferrable.
 
     ignore_result: False to send the return value back to the caller.
@@ -86,7 +87,10 @@ def async_task(ignore_result=True, queue=None, visibility_timeout=None,
     tenant's burst does not hold back the others': 'company' (of the
     caller's context), 'user', 'database', or a callable given the call's
     records and context that returns a string; the configuration's tenant
-    if None."""
+    if None.
+    unique: True for one pending call per method, records, arguments, user
+    and context: a defer while an identical call is pending or queued
+    returns its handle; or a callable that returns the key (unique.py)."""
     if callable(ignore_result):
         # used bare, as @async_task
         return async_task()(ignore_result)
@@ -113,12 +117,14 @@ def async_task(ignore_result=True, queue=None, visibility_timeout=None,
             or callable(tenant)):
         raise ValueError("async_task tenant must be one of %s or a "
             "callable, not %r" % (', '.join(sqs.settings.TENANTS), tenant))
+    from .unique import check_option
+    check_option(unique)
     options = TaskOptions(
         ignore_result=ignore_result, queue=queue,
         visibility_timeout=visibility_timeout, delay=delay, retries=retries,
         retry_backoff=retry_backoff, calls_per_message=calls_per_message,
         time_limit=time_limit, soft_time_limit=soft_time_limit,
-        tenant=tenant)
+        tenant=tenant, unique=unique)
 
     def decorator(wrapped):
         return AsyncTask(wrapped, options)
@@ -307,6 +313,7 @@ def defer(options, wrapped, instance, args, kwargs):
     from trytond.model import Model
     from trytond.transaction import Transaction
 
+    from . import unique
     from .outbox import Outbox
     from .result import TaskHandle
 
@@ -387,10 +394,14 @@ def defer(options, wrapped, instance, args, kwargs):
         'eta': eta,
         'body': body,
         }
+    outbox = Outbox.of(transaction)
+    earlier = unique.join(outbox, options, call, records, row, handle)
+    if earlier is not None:
+        return earlier
     calls_per_message = options.calls_per_message
     if calls_per_message is None:
         calls_per_message = sqs.settings.calls_per_message()
-    Outbox.of(transaction).put(
+    outbox.put(
         row, handle, delay=min(math.ceil(delay), sqs.MAX_DELAY),
         calls_per_message=calls_per_message)
     logger.debug("%s.%s deferred as %s", cls.__name__, method, call.task)

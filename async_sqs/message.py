@@ -114,6 +114,14 @@ def dumps(value):
         value, cls=encoder, separators=(',', ':'), allow_nan=False)
 
 
+def canonical(value):
+    """Return the JSON text of value, its keys sorted: equal values give
+    equal texts."""
+    encoder, _ = _codec()
+    return json.dumps(value, cls=encoder, separators=(',', ':'),
+        sort_keys=True, allow_nan=False)
+
+
 def loads(text):
     "Return the value of the JSON text, records as RecordRef."
     _, object_hook = _codec()

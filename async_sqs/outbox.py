@@ -16,7 +16,7 @@ from collections import defaultdict
 from trytond.pool import Pool
 from trytond.transaction import Transaction
 
-from . import payload, settings, sqs
+from . import payload, settings, sqs, unique
 from .message import message_entry, pack_bodies
 from .rows import mark_queued
 
@@ -28,6 +28,8 @@ class Outbox:
 
     def __init__(self):
         self.entries = []
+        # the handles of the unique calls put, by key
+        self.keys = {}
 
     @classmethod
     def of(cls, transaction=None):
@@ -49,6 +51,12 @@ class Outbox:
         calls_per_message is how many calls the message it goes in may
         carry."""
         self.entries.append((row, handle, delay, calls_per_message))
+        if row.get('unique_key'):
+            self.keys[row['unique_key']] = handle
+
+    def unique_handle(self, key):
+        "Return the handle of the call of that unique key put, or None."
+        return self.keys.get(key)
 
     def abort(self, trans):
         self._drop()
@@ -62,13 +70,15 @@ class Outbox:
     def tpc_vote(self, trans):
         if self.entries and not trans.readonly:
             Task = Pool().get('async_sqs.task')
-            Task.insert_pending([row for row, *_ in self.entries])
+            held = Task.insert_pending([row for row, *_ in self.entries])
+            # the calls whose key an identical call holds are not sent
+            self.entries = unique.settle(self.entries, held)
 
     def tpc_finish(self, trans):
         if trans.readonly:
             self._after_readonly(trans)
         else:
-            entries, self.entries = self.entries, []
+            entries, self.entries, self.keys = self.entries, [], {}
             if entries and not settings.eager():
                 # once the connection is back in the pool: marking the rows
                 # queued takes one, and commits waiting for a shared send
@@ -93,11 +103,12 @@ class Outbox:
         for _, handle, *_ in self.entries:
             handle._set_state('dropped')
         self.entries.clear()
+        self.keys.clear()
 
     def _after_readonly(self, trans):
         # a read-only transaction cannot write the rows: a transaction of
         # their own does, once this one has let go of its connection
-        entries, self.entries = self.entries, []
+        entries, self.entries, self.keys = self.entries, [], {}
         if entries:
             trans.atexit(
                 write_and_send, trans.database.name, trans.user, entries)
@@ -108,14 +119,14 @@ def write_and_send(database_name, user, entries):
     try:
         with Transaction(new=True).start(database_name, user):
             Task = Pool().get('async_sqs.task')
-            Task.insert_pending([row for row, *_ in entries])
+            held = Task.insert_pending([row for row, *_ in entries])
     except Exception:
         logger.critical("%s deferred call(s) of a read-only transaction "
             "could not be recorded", len(entries), exc_info=True)
         for _, handle, *_ in entries:
             handle._set_state('dropped')
         raise
-    dispatch(database_name, entries)
+    dispatch(database_name, unique.settle(entries, held))
 
 
 def dispatch(database_name, entries):

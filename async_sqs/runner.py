@@ -17,7 +17,7 @@ from trytond.pool import Pool
 from trytond.status import processing
 from trytond.transaction import Transaction, check_access
 
-from . import settings, sqs
+from . import settings, sqs, unique
 from .backoff import Outages
 from .exceptions import MessageError, TaskCancelled
 from .limits import time_limits
@@ -389,6 +389,8 @@ class Runner:
         Return the reply body, or SKIPPED when the row says the call ran
         already. A lock or serialization conflict runs it again at once, up
         to [database] retry times."""
+        # a call that runs holds its key no more, as everyone must see
+        unique.release(attempt.call)
         retry = config.getint('database', 'retry')
         count = 0
         while True:

@@ -7,19 +7,21 @@ multi-row insert just before it commits; the worker claims a row in the
 transaction that runs the call and marks it done in that same transaction,
 so that a call's effects happen once however often SQS delivers it."""
 import datetime as dt
+import functools
 import logging
 
-from sql import Null
+from sql import Conflict, Null
+from sql.operators import Equal
 
 from trytond.i18n import gettext
 from trytond.model import (
-    Index, ModelSQL, ModelStorage, ModelView, Unique, fields)
+    Exclude, Index, ModelSQL, ModelStorage, ModelView, Unique, fields)
 from trytond.pool import Pool
 from trytond.pyson import Eval
 from trytond.tools import grouped_slice
 from trytond.transaction import Transaction
 
-from . import payload, settings, sqs
+from . import payload, settings, sqs, unique
 from .exceptions import TaskStateError
 from .message import CANCELLED, encode_reply
 from .rows import reply_target, wants_reply
@@ -89,6 +91,9 @@ class Task(ModelSQL, ModelView):
         help="The host and process that ran the call.")
     body = fields.Text("Message", readonly=True,
         help="The message as sent, kept to send it again.")
+    unique_key = fields.Char("Unique Key", readonly=True,
+        help="The SHA-256 of the key of a unique call, until it starts: "
+        "no other call of that key may be pending or queued.")
 
     @classmethod
     def __setup__(cls):
@@ -97,6 +102,10 @@ class Task(ModelSQL, ModelView):
         cls._sql_constraints = [
             ('uuid_unique', Unique(t, t.uuid),
                 'async_sqs.msg_task_uuid_unique'),
+            # one pending call per key: a partial unique index
+            ('unique_key_holding',
+                Exclude(t, (t.unique_key, Equal), where=unique.Holding()),
+                'async_sqs.msg_task_unique_key_holding'),
             ]
         cls._sql_indexes.update({
                 Index(t, (t.state, Index.Equality()),
@@ -220,6 +229,7 @@ class Task(ModelSQL, ModelView):
         table = cls.__table__()
         rows = cls._lock_rows(
             tasks, RETRYABLE, 'async_sqs.msg_task_retry_state')
+        unique.check_retry([r[0] for r in rows])
         now = dt.datetime.now()
         followup = Followup.of(transaction)
         for sub_rows in grouped_slice(rows, backend.MAX_QUERY_PARAMS):
@@ -333,22 +343,35 @@ class Task(ModelSQL, ModelView):
         """Write one pending row per call with multi-row inserts.
 
         rows are dicts with uuid, queue, model, method, records, user, eta,
-        body and, if it has one, tenant."""
+        body and, if it has one, tenant and unique_key. Return {uuid: uuid
+        of the holder} of the unique calls not written: an identical call
+        pending or queued holds their key."""
+        for sub_rows in grouped_slice(
+                [r for r in rows if not r.get('unique_key')], INSERT_ROWS):
+            cls._insert_rows(list(sub_rows))
+        return unique.insert([r for r in rows if r.get('unique_key')],
+            functools.partial(cls._insert_rows, skip_held=True), INSERT_ROWS)
+
+    @classmethod
+    def _insert_rows(cls, rows, skip_held=False):
+        """Insert the pending rows; with skip_held, skip those whose key is
+        held. Return the count inserted."""
         transaction = Transaction()
         cursor = transaction.connection.cursor()
         table = cls.__table__()
         now = dt.datetime.now()
         columns = [table.uuid, table.queue, table.model, table.method,
             table.records, table.user, table.eta, table.body, table.tenant,
-            table.state, table.attempts, table.enqueued_at, table.create_uid,
-            table.create_date]
-        for sub_rows in grouped_slice(rows, INSERT_ROWS):
-            cursor.execute(*table.insert(columns, [[
-                            r['uuid'], r['queue'], r['model'], r['method'],
-                            r['records'], r['user'], r['eta'], r['body'],
-                            r.get('tenant'), 'pending', 0, now,
-                            transaction.user, now]
-                        for r in sub_rows]))
+            table.unique_key, table.state, table.attempts, table.enqueued_at,
+            table.create_uid, table.create_date]
+        cursor.execute(*table.insert(columns, [[
+                        r['uuid'], r['queue'], r['model'], r['method'],
+                        r['records'], r['user'], r['eta'], r['body'],
+                        r.get('tenant'), r.get('unique_key'), 'pending', 0,
+                        now, transaction.user, now]
+                    for r in rows],
+                on_conflict=Conflict(table) if skip_held else None))
+        return cursor.rowcount
 
     @classmethod
     def mark_queued(cls, uuids):
