@@ -19,7 +19,7 @@ from trytond.pyson import Eval
 from trytond.tools import grouped_slice
 from trytond.transaction import Transaction
 
-from . import payload, settings, sqs
+from . import links, payload, settings, sqs
 from .exceptions import TaskStateError
 from .message import CANCELLED, encode_reply
 from .rows import reply_target, wants_reply
@@ -28,6 +28,7 @@ from .stopping import request_stop
 logger = logging.getLogger(__name__)
 
 STATES = [
+    ('waiting', "Waiting"),
     ('pending', "Pending"),
     ('queued', "Queued"),
     ('running', "Running"),
@@ -42,7 +43,7 @@ UNSETTLED = ('queued', 'running')
 #: States a task can be retried from.
 RETRYABLE = ('failed', 'cancelled')
 #: States a task can be cancelled from: it has not started.
-CANCELLABLE = ('pending', 'queued')
+CANCELLABLE = ('waiting', 'pending', 'queued')
 #: States of the rows the cron deletes once old enough.
 FINISHED = ('done', 'failed', 'cancelled')
 #: Rows of one INSERT: SQLite takes at most 500 rows in one VALUES.
@@ -89,6 +90,12 @@ class Task(ModelSQL, ModelView):
         help="The host and process that ran the call.")
     body = fields.Text("Message", readonly=True,
         help="The message as sent, kept to send it again.")
+    then = fields.Text("Then", readonly=True,
+        help="The calls that wait for this one, deferred once it is done.")
+    waiting_for = fields.Integer("Waiting For", readonly=True,
+        help="How many calls this one still waits for, until it is due.")
+    gathered = fields.Text("Gathered", readonly=True,
+        help="The results of the calls it waited for, so far.")
 
     @classmethod
     def __setup__(cls):
@@ -217,6 +224,7 @@ class Task(ModelSQL, ModelView):
         table = cls.__table__()
         rows = cls._lock_rows(
             tasks, RETRYABLE, 'async_sqs.msg_task_retry_state')
+        links.reopen([r[1] for r in rows])
         now = dt.datetime.now()
         followup = Followup.of(transaction)
         for sub_rows in grouped_slice(rows, backend.MAX_QUERY_PARAMS):
@@ -273,6 +281,8 @@ class Task(ModelSQL, ModelView):
                                 'type': CANCELLED,
                                 'message': "task %s was cancelled" % uuid,
                                 }), reply_to=reply_to)
+        links.abandon([r[1] for r in rows], 'cancelled', {
+                'type': CANCELLED, 'message': "the task was cancelled"})
         for _, uuid, _, _ in rows:
             logger.info("task %s cancelled", uuid)
 
@@ -330,21 +340,23 @@ class Task(ModelSQL, ModelView):
         """Write one pending row per call with multi-row inserts.
 
         rows are dicts with uuid, queue, model, method, records, user, eta,
-        body and, if it has one, tenant."""
+        body and, if they have one, tenant, then, and the state waiting
+        with waiting_for for a call that waits for others."""
         transaction = Transaction()
         cursor = transaction.connection.cursor()
         table = cls.__table__()
         now = dt.datetime.now()
         columns = [table.uuid, table.queue, table.model, table.method,
             table.records, table.user, table.eta, table.body, table.tenant,
-            table.state, table.attempts, table.enqueued_at, table.create_uid,
-            table.create_date]
+            table.then, table.waiting_for, table.state, table.attempts,
+            table.enqueued_at, table.create_uid, table.create_date]
         for sub_rows in grouped_slice(rows, INSERT_ROWS):
             cursor.execute(*table.insert(columns, [[
                             r['uuid'], r['queue'], r['model'], r['method'],
                             r['records'], r['user'], r['eta'], r['body'],
-                            r.get('tenant'), 'pending', 0, now,
-                            transaction.user, now]
+                            r.get('tenant'), r.get('then'),
+                            r.get('waiting_for'), r.get('state', 'pending'),
+                            0, now, transaction.user, now]
                         for r in sub_rows]))
 
     @classmethod
