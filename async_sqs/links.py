@@ -118,10 +118,7 @@ def gather(link_id, index, result):
     try:
         text = dumps(values)
     except (TypeError, ValueError) as exc:
-        end([link_id], 'failed', {'type': '%s.%s' % (
-                    type(exc).__module__, type(exc).__qualname__),
-                'message': "the result it waits for cannot be passed: %s"
-                % exc})
+        end([link_id], 'failed', _error(exc))
         return
     if left or state != 'waiting':
         # a link ended already still counts: a retry may reopen it
@@ -145,21 +142,21 @@ def defer(link_id, first):
     (id_, queue_name, records, tenant, user, body, then), = _select(
         table, table.uuid == link_id, table.id, table.queue, table.records,
         table.tenant, table.user, table.body, table.then)
-    call = decode_call(body)
-    cls = pool.get(call.model, type=call.kind)
-    options = getattr(cls, '__async_tasks__', {}).get(call.method)
-    delay = options.delay if options else 0
-    eta = dt.datetime.now() + dt.timedelta(seconds=delay) if delay else None
     try:
+        # its own problem, not the one of the call done: it fails alone
+        call = decode_call(body)
+        cls = pool.get(call.model, type=call.kind)
+        options = getattr(cls, '__async_tasks__', {}).get(call.method)
+        delay = options.delay if options else 0
+        eta = (dt.datetime.now() + dt.timedelta(seconds=delay)
+            if delay else None)
         body = encode_call(call._replace(args=[first] + list(call.args),
                 # FIFO queues take no delay per message: the worker holds it
                 eta=eta if delay > sqs.MAX_DELAY or (
                     delay and sqs.is_fifo(call.queue)) else None))
-    except (TypeError, ValueError) as exc:
-        end([link_id], 'failed', {'type': '%s.%s' % (
-                    type(exc).__module__, type(exc).__qualname__),
-                'message': "the result it waits for cannot be passed: %s"
-                % exc})
+    except (KeyError, TypeError, ValueError) as exc:
+        # MessageError is a ValueError
+        end([link_id], 'failed', _error(exc))
         return
     cursor = Transaction().connection.cursor()
     cursor.execute(*table.delete(where=table.id == id_))
@@ -174,6 +171,12 @@ def defer(link_id, first):
         calls_per_message=calls_per_message)
     logger.info("<Task %s %s.%s@%s> deferred: the calls it waits for are "
         "done", link_id, call.model, call.method, call.database)
+
+
+def _error(exc):
+    "Return the error payload of a call that cannot be deferred."
+    return {'type': '%s.%s' % (type(exc).__module__, type(exc).__qualname__),
+        'message': "it cannot be deferred: %s" % exc}
 
 
 def _failure(state, payload):
