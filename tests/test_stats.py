@@ -41,8 +41,8 @@ ROWS = [
 #: The figures of create_named over the hour from the base.
 CREATE_NAMED = {
     'calls': 8,
-    'states': {'pending': 1, 'queued': 1, 'running': 0, 'done': 4,
-        'failed': 1, 'cancelled': 1},
+    'states': {'waiting': 0, 'pending': 1, 'queued': 1, 'running': 0,
+        'done': 4, 'failed': 1, 'cancelled': 1},
     'calls_per_minute': 8 / 60,
     # waits 0.2 0.4 0.6 0.8 1.0, runs 1 2 3 4 10: percentile_cont's
     'wait': {'p50': 0.6, 'p95': 0.96},
@@ -53,8 +53,8 @@ CREATE_NAMED = {
     }
 ECHO = {
     'calls': 2,
-    'states': {'pending': 0, 'queued': 0, 'running': 1, 'done': 1,
-        'failed': 0, 'cancelled': 0},
+    'states': {'waiting': 0, 'pending': 0, 'queued': 0, 'running': 1,
+        'done': 1, 'failed': 0, 'cancelled': 0},
     'calls_per_minute': 2 / 60,
     'wait': {'p50': 2.5, 'p95': 2.5},
     'run': {'p50': 0.25, 'p95': 0.25},
