@@ -225,14 +225,16 @@ def test_admin_stats(calls):
     result = admin(database, 'unused', 'stats')
     assert result.returncode == 0, result.stderr
     lines = [line.split() for line in result.stdout.splitlines()]
-    assert lines[1] == ['QUEUE', 'METHOD', 'CALLS', 'PER', 'MIN', 'PENDING',
-        'QUEUED', 'RUNNING', 'DONE', 'FAILED', 'CANCELLED', 'WAIT', 'P50',
-        'WAIT', 'P95', 'RUN', 'P50', 'RUN', 'P95', 'FAILURES', 'RETRIES']
-    assert [queue, MODEL + '.create_named', '8', '0.13', '1', '1', '0', '4',
-        '1', '1', '0.600', '0.960', '3.000', '8.800', '20.0%', '40.0%'
+    assert lines[1] == ['QUEUE', 'METHOD', 'CALLS', 'PER', 'MIN', 'WAITING',
+        'PENDING', 'QUEUED', 'RUNNING', 'DONE', 'FAILED', 'CANCELLED', 'WAIT',
+        'P50', 'WAIT', 'P95', 'RUN', 'P50', 'RUN', 'P95', 'FAILURES',
+        'RETRIES']
+    assert [queue, MODEL + '.create_named', '8', '0.13', '0', '1', '1', '0',
+        '4', '1', '1', '0.600', '0.960', '3.000', '8.800', '20.0%', '40.0%'
         ] in lines
-    assert [queue, MODEL + '.echo', '2', '0.03', '0', '0', '1', '1', '0',
-        '0', '2.500', '2.500', '0.250', '0.250', '0.0%', '0.0%'] in lines
+    assert [queue, MODEL + '.echo', '2', '0.03', '0', '0', '0', '1', '1',
+        '0', '0', '2.500', '2.500', '0.250', '0.250', '0.0%', '0.0%'
+        ] in lines
 
     result = admin(database, 'unused', 'stats', '--since', '0')
     assert result.returncode == 2
