@@ -3,6 +3,7 @@
 "Run Tryton methods later, on workers, through Amazon SQS."
 import sys
 
+from .chain import TaskGroup, group
 from .decorator import async_task
 from .exceptions import (
     AsyncTaskError, MessageError, ResultIgnored, ResultTimeout, TaskCancelled,
@@ -16,6 +17,6 @@ if 'trytond.wsgi' in sys.modules:
     from . import routes  # noqa: F401
 
 __all__ = [
-    'async_task', 'TaskHandle', 'AsyncTaskError', 'MessageError',
-    'ResultIgnored', 'ResultTimeout', 'TaskCancelled', 'TaskFailed',
-    'TaskNotSent', 'TaskTimeLimit']
+    'async_task', 'TaskHandle', 'TaskGroup', 'group', 'AsyncTaskError',
+    'MessageError', 'ResultIgnored', 'ResultTimeout', 'TaskCancelled',
+    'TaskFailed', 'TaskNotSent', 'TaskTimeLimit']

@@ -16,7 +16,7 @@ from sql.aggregate import Count
 from trytond.pool import Pool
 from trytond.transaction import Transaction
 
-from . import metrics, payload, settings, sqs, stats
+from . import links, metrics, payload, settings, sqs, stats
 from .exceptions import AsyncTaskError, MessageError
 from .message import (
     KEY_ID_ATTRIBUTE, SIGNATURE_ATTRIBUTE, decode_call, decode_calls,
@@ -273,6 +273,8 @@ def _mark_queued(database_name, uuids):
                     [table.state, table.write_date], ['queued', now],
                     where=table.uuid.in_(list(sub))
                     & table.state.in_(list(REQUEUEABLE))))
+        # as a retry does: the calls that wait for them wait again
+        links.reopen(uuids)
 
 
 def requeue_dead(database_name, queue=None, limit=None, out=sys.stdout):

@@ -131,6 +131,12 @@ def write_and_send(database_name, user, entries):
 
 def dispatch(database_name, entries):
     "Send the calls of committed rows, or run them here in eager mode."
+    # a call that waits for others is deferred by the last of them done
+    waiting = [e for e in entries if e[0].get('state') == 'waiting']
+    if waiting:
+        for _, handle, *_ in waiting:
+            handle._set_state('waiting')
+        entries = [e for e in entries if e[0].get('state') != 'waiting']
     if settings.eager():
         from . import eager
         eager.run(database_name, entries)

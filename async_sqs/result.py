@@ -58,11 +58,12 @@ def task_status(database, task_id):
     """Return how the task stands, read from its row; None without a row.
 
     The dict has the keys task (the id as 32 hex digits), model, method,
-    user (the id of the user who deferred it), state (pending, queued,
-    running, done, failed or cancelled), attempts, enqueued_at, started_at,
-    finished_at (naive datetimes or None), result and error. result is the
-    return value of a call done, with records as RecordRef(model, id), and
-    None otherwise or when the method ignores its result. error is None, or
+    user (the id of the user who deferred it), state (waiting, pending,
+    queued, running, done, failed or cancelled), attempts, enqueued_at,
+    started_at, finished_at (naive datetimes or None), result and error.
+    result is the return value of a call done, with records as
+    RecordRef(model, id), and None otherwise or when the method ignores its
+    result. error is None, or
     {'type', 'message'} for a call failed or cancelled, or whose result
     could not be encoded. Any UUID spelling is accepted; one that is not a
     UUID has no row. The row is read in a transaction of its own."""
@@ -124,10 +125,12 @@ class TaskHandle:
 
     @property
     def state(self):
-        """pending, sent, unsent (SQS failed at commit), dropped or done for
-        the handle deferring returned; for one made from a task id with the
-        database, the state of the row (pending, queued, running, done,
-        failed or cancelled, unknown without a row), otherwise sent."""
+        """pending, sent, unsent (SQS failed at commit), waiting (a call
+        that then() deferred, once committed), dropped or done for the
+        handle deferring returned; for one made from a task id with the
+        database, the state of the row (waiting, pending, queued, running,
+        done, failed or cancelled, unknown without a row), otherwise
+        sent."""
         if self._state is None:
             if self.database is None:
                 return 'done' if self._reply is not None else 'sent'
@@ -241,6 +244,19 @@ class TaskHandle:
 
     def __await__(self):
         return self.wait_async().__await__()
+
+    def then(self, method, *args, **kwargs):
+        """Defer method once this call is done, with its result as first
+        argument, and return the handle of that call.
+
+        Called in the transaction that deferred this call, before it
+        commits; method is a deferrable method, as Model.method. The call
+        is written waiting and deferred by the worker, in the transaction
+        that marks this one done. If this call fails for good, or is
+        cancelled, so is that one, and those that follow it: its waiter
+        gets TaskFailed, or TaskCancelled."""
+        from .chain import then
+        return then([self], method, args, kwargs)
 
     def _receive(self, timeout):
         """Return the Reply from the reply queue, or from the row once it

@@ -8,7 +8,7 @@ from trytond.pool import Pool
 from trytond.tools import grouped_slice
 from trytond.transaction import Transaction
 
-from . import settings
+from . import links, settings
 from .exceptions import MessageError
 from .message import CANCELLED, decode_call
 
@@ -148,3 +148,6 @@ def _end_ended(database_name, task_id, state, attempt, error_type, error):
                 [state, now, attempt, error_type, error, None, now],
                 where=(table.uuid == task_id)
                 & table.state.in_(['pending', 'queued', 'running'])))
+        if state in links.ENDS:
+            links.abandon([task_id], state,
+                {'type': error_type, 'message': error})

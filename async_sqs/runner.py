@@ -17,7 +17,7 @@ from trytond.pool import Pool
 from trytond.status import processing
 from trytond.transaction import Transaction, check_access
 
-from . import settings, sqs, unique
+from . import links, settings, sqs, unique
 from .backoff import Outages
 from .exceptions import MessageError, TaskCancelled
 from .limits import time_limits
@@ -346,6 +346,9 @@ class Runner:
                         traceback=payload.get('traceback'),
                         attempts=attempt.number or attempt.receive_count,
                         worker=self.host, eta=eta)
+                    if state in links.ENDS:
+                        # the calls that wait for it are told with its end
+                        links.abandon([call.task], state, payload)
                 return True
             except database_errors():
                 if count < retry:
@@ -438,6 +441,9 @@ class Runner:
             attempts=attempt.number, worker=self.host, result=reply,
             error_type=error.get('type'), error=error.get('message'),
             traceback=error.get('traceback'))
+        # exactly once: the calls that wait for this one are deferred with
+        # its done, or not at all
+        links.advance(call.task, result)
         return reply
 
     def run_method(self, pool, attempt):

@@ -202,6 +202,7 @@ class TaskStatistics(_Statistics):
     __name__ = 'async_sqs.task.statistics'
     __string__ = "Deferred Task Statistics"
 
+    waiting = fields.Integer("Waiting", readonly=True)
     pending = fields.Integer("Pending", readonly=True)
     queued = fields.Integer("Queued", readonly=True)
     running = fields.Integer("Running", readonly=True)

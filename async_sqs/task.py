@@ -21,7 +21,7 @@ from trytond.pyson import Eval
 from trytond.tools import grouped_slice
 from trytond.transaction import Transaction
 
-from . import payload, settings, sqs, unique
+from . import links, payload, settings, sqs, unique
 from .exceptions import TaskStateError
 from .message import CANCELLED, encode_reply
 from .rows import reply_target, wants_reply
@@ -30,6 +30,7 @@ from .stopping import request_stop
 logger = logging.getLogger(__name__)
 
 STATES = [
+    ('waiting', "Waiting"),
     ('pending', "Pending"),
     ('queued', "Queued"),
     ('running', "Running"),
@@ -44,7 +45,7 @@ UNSETTLED = ('queued', 'running')
 #: States a task can be retried from.
 RETRYABLE = ('failed', 'cancelled')
 #: States a task can be cancelled from: it has not started.
-CANCELLABLE = ('pending', 'queued')
+CANCELLABLE = ('waiting', 'pending', 'queued')
 #: States of the rows the cron deletes once old enough.
 FINISHED = ('done', 'failed', 'cancelled')
 #: Rows of one INSERT: SQLite takes at most 500 rows in one VALUES.
@@ -94,6 +95,12 @@ class Task(ModelSQL, ModelView):
     unique_key = fields.Char("Unique Key", readonly=True,
         help="The SHA-256 of the key of a unique call, until it starts: "
         "no other call of that key may be pending or queued.")
+    then = fields.Text("Then", readonly=True,
+        help="The calls that wait for this one, deferred once it is done.")
+    waiting_for = fields.Integer("Waiting For", readonly=True,
+        help="How many calls this one still waits for, until it is due.")
+    gathered = fields.Text("Gathered", readonly=True,
+        help="The results of the calls it waited for, so far.")
 
     @classmethod
     def __setup__(cls):
@@ -230,6 +237,7 @@ class Task(ModelSQL, ModelView):
         rows = cls._lock_rows(
             tasks, RETRYABLE, 'async_sqs.msg_task_retry_state')
         unique.check_retry([r[0] for r in rows])
+        links.reopen([r[1] for r in rows])
         now = dt.datetime.now()
         followup = Followup.of(transaction)
         for sub_rows in grouped_slice(rows, backend.MAX_QUERY_PARAMS):
@@ -286,6 +294,8 @@ class Task(ModelSQL, ModelView):
                                 'type': CANCELLED,
                                 'message': "task %s was cancelled" % uuid,
                                 }), reply_to=reply_to)
+        links.abandon([r[1] for r in rows], 'cancelled', {
+                'type': CANCELLED, 'message': "the task was cancelled"})
         for _, uuid, _, _ in rows:
             logger.info("task %s cancelled", uuid)
 
@@ -343,9 +353,10 @@ class Task(ModelSQL, ModelView):
         """Write one pending row per call with multi-row inserts.
 
         rows are dicts with uuid, queue, model, method, records, user, eta,
-        body and, if it has one, tenant and unique_key. Return {uuid: uuid
-        of the holder} of the unique calls not written: an identical call
-        pending or queued holds their key."""
+        body and, if they have one, tenant, unique_key, then, and the state
+        waiting with waiting_for for a call that waits for others. Return
+        {uuid: uuid of the holder} of the unique calls not written: an
+        identical call pending or queued holds their key."""
         for sub_rows in grouped_slice(
                 [r for r in rows if not r.get('unique_key')], INSERT_ROWS):
             cls._insert_rows(list(sub_rows))
@@ -354,20 +365,22 @@ class Task(ModelSQL, ModelView):
 
     @classmethod
     def _insert_rows(cls, rows, skip_held=False):
-        """Insert the pending rows; with skip_held, skip those whose key is
-        held. Return the count inserted."""
+        """Insert the rows; with skip_held, skip those whose key is held.
+        Return the count inserted."""
         transaction = Transaction()
         cursor = transaction.connection.cursor()
         table = cls.__table__()
         now = dt.datetime.now()
         columns = [table.uuid, table.queue, table.model, table.method,
             table.records, table.user, table.eta, table.body, table.tenant,
-            table.unique_key, table.state, table.attempts, table.enqueued_at,
-            table.create_uid, table.create_date]
+            table.unique_key, table.then, table.waiting_for, table.state,
+            table.attempts, table.enqueued_at, table.create_uid,
+            table.create_date]
         cursor.execute(*table.insert(columns, [[
                         r['uuid'], r['queue'], r['model'], r['method'],
                         r['records'], r['user'], r['eta'], r['body'],
-                        r.get('tenant'), r.get('unique_key'), 'pending', 0,
+                        r.get('tenant'), r.get('unique_key'), r.get('then'),
+                        r.get('waiting_for'), r.get('state', 'pending'), 0,
                         now, transaction.user, now]
                     for r in rows],
                 on_conflict=Conflict(table) if skip_held else None))

@@ -206,7 +206,7 @@ def test_cancel_then_retry(database, prefix, start_worker):
 
 @pytest.mark.parametrize('button,allowed', [
         ('retry', {'failed', 'cancelled'}),
-        ('cancel', {'pending', 'queued'}),
+        ('cancel', {'waiting', 'pending', 'queued'}),
         ])
 def test_wrong_state_refused(database, prefix, button, allowed):
     "A button on a task in another state is refused with a UserError"
@@ -219,7 +219,7 @@ def test_wrong_state_refused(database, prefix, button, allowed):
             press(database, button, [handle.task_id])
         assert handle.task_id in info.value.message
         assert ("only failed or cancelled" if button == 'retry'
-            else "only pending or queued") in info.value.message
+            else "only waiting, pending or queued") in info.value.message
         assert row(database, handle.task_id)['state'] == state
     # a state of no one's: not left for the tests that count the states
     set_state(database, [handle.task_id], 'cancelled')

@@ -41,8 +41,8 @@ ROWS = [
 #: The figures of create_named over the hour from the base.
 CREATE_NAMED = {
     'calls': 8,
-    'states': {'pending': 1, 'queued': 1, 'running': 0, 'done': 4,
-        'failed': 1, 'cancelled': 1},
+    'states': {'waiting': 0, 'pending': 1, 'queued': 1, 'running': 0,
+        'done': 4, 'failed': 1, 'cancelled': 1},
     'calls_per_minute': 8 / 60,
     # waits 0.2 0.4 0.6 0.8 1.0, runs 1 2 3 4 10: percentile_cont's
     'wait': {'p50': 0.6, 'p95': 0.96},
@@ -53,8 +53,8 @@ CREATE_NAMED = {
     }
 ECHO = {
     'calls': 2,
-    'states': {'pending': 0, 'queued': 0, 'running': 1, 'done': 1,
-        'failed': 0, 'cancelled': 0},
+    'states': {'waiting': 0, 'pending': 0, 'queued': 0, 'running': 1,
+        'done': 1, 'failed': 0, 'cancelled': 0},
     'calls_per_minute': 2 / 60,
     'wait': {'p50': 2.5, 'p95': 2.5},
     'run': {'p50': 0.25, 'p95': 0.25},
@@ -225,14 +225,16 @@ def test_admin_stats(calls):
     result = admin(database, 'unused', 'stats')
     assert result.returncode == 0, result.stderr
     lines = [line.split() for line in result.stdout.splitlines()]
-    assert lines[1] == ['QUEUE', 'METHOD', 'CALLS', 'PER', 'MIN', 'PENDING',
-        'QUEUED', 'RUNNING', 'DONE', 'FAILED', 'CANCELLED', 'WAIT', 'P50',
-        'WAIT', 'P95', 'RUN', 'P50', 'RUN', 'P95', 'FAILURES', 'RETRIES']
-    assert [queue, MODEL + '.create_named', '8', '0.13', '1', '1', '0', '4',
-        '1', '1', '0.600', '0.960', '3.000', '8.800', '20.0%', '40.0%'
+    assert lines[1] == ['QUEUE', 'METHOD', 'CALLS', 'PER', 'MIN', 'WAITING',
+        'PENDING', 'QUEUED', 'RUNNING', 'DONE', 'FAILED', 'CANCELLED', 'WAIT',
+        'P50', 'WAIT', 'P95', 'RUN', 'P50', 'RUN', 'P95', 'FAILURES',
+        'RETRIES']
+    assert [queue, MODEL + '.create_named', '8', '0.13', '0', '1', '1', '0',
+        '4', '1', '1', '0.600', '0.960', '3.000', '8.800', '20.0%', '40.0%'
         ] in lines
-    assert [queue, MODEL + '.echo', '2', '0.03', '0', '0', '1', '1', '0',
-        '0', '2.500', '2.500', '0.250', '0.250', '0.0%', '0.0%'] in lines
+    assert [queue, MODEL + '.echo', '2', '0.03', '0', '0', '0', '1', '1',
+        '0', '0', '2.500', '2.500', '0.250', '0.250', '0.0%', '0.0%'
+        ] in lines
 
     result = admin(database, 'unused', 'stats', '--since', '0')
     assert result.returncode == 2
