@@ -67,6 +67,6 @@ class ItemLimits(metaclass=PoolMeta):
         logger.info("%s running", name)
         for _ in range(600):
             try:
-                time.sleep(0.2)
+                time.sleep(0.5)
             except TaskCancelled:
                 pass
