@@ -22,7 +22,8 @@ from .message import (
     KEY_ID_ATTRIBUTE, SIGNATURE_ATTRIBUTE, decode_call, decode_calls,
     message_group, verify)
 from .rows import task_queues
-from .task import RUNNABLE, STATES
+from .storage import RUNNABLE
+from .task import STATES
 
 logger = logging.getLogger(__name__)
 
