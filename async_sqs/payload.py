@@ -19,9 +19,7 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import re
-import threading
 import time
 import uuid
 from collections import namedtuple
@@ -30,7 +28,7 @@ import botocore.session
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from . import settings
+from . import settings, sqs
 from .exceptions import MessageError, PayloadRefused, PayloadUnavailable
 from .message import (
     DIGEST_ATTRIBUTE, MAX_PACKED_SIZE, SIZE_ATTRIBUTE, decode_reply,
@@ -51,29 +49,15 @@ _CALL_KEY = re.compile(
     r'call/(?P<database>[^/]+)/(?P<task>[0-9a-f]{32})/[0-9a-f]{32}$')
 _TASK_KEY = re.compile(r'/(?P<task>[0-9a-f]{32})/[0-9a-f]{32}$')
 
-_local = {}
-_lock = threading.Lock()
 
 Pointer = namedtuple('Pointer', ['bucket', 'key', 'digest'])
 Pointer.__doc__ = "Where the body of a message is in S3, and its SHA-256."
 
 
-def _client_key():
-    return (os.getpid(), settings.s3_endpoint_url(), settings.region(),
-        settings.access_key(), settings.secret_key(), settings.max_attempts())
-
-
 def client():
     "Return the botocore S3 client of this process, made on first use."
-    key = _client_key()
-    s3 = _local.get(key)
-    if s3 is None:
-        with _lock:
-            s3 = _local.get(key)
-            if s3 is None:
-                _local.clear()
-                s3 = _local[key] = _create_client(*key[1:])
-    return s3
+    return _clients.get(settings.s3_endpoint_url(), settings.region(),
+        settings.access_key(), settings.secret_key(), settings.max_attempts())
 
 
 def _create_client(endpoint_url, region, access_key, secret_key,
@@ -89,6 +73,9 @@ def _create_client(endpoint_url, region, access_key, secret_key,
             # a server of one's own (moto, MinIO) has no bucket host names
             s3={'addressing_style': 'path'} if endpoint_url else None,
             tcp_keepalive=True))
+
+
+_clients = sqs.ProcessCache(_create_client)
 
 
 def _code(exc):

@@ -44,8 +44,6 @@ _TASK_ID = re.compile(r'^[0-9a-f]{32}$')
 _MISSING_QUEUE_CODES = {
     'AWS.SimpleQueueService.NonExistentQueue', 'QueueDoesNotExist'}
 
-_local = {}
-_lock = threading.Lock()
 _loader = None
 
 
@@ -237,22 +235,35 @@ def preload():
         aws_access_key_id='preload', aws_secret_access_key='preload')
 
 
-def _client_key():
-    return (os.getpid(), settings.endpoint_url(), settings.region(),
-        settings.access_key(), settings.secret_key(), settings.max_attempts())
+class ProcessCache:
+    """One object per process and settings, made on first use by factory
+    from the settings: a forked process, or new settings, make another."""
+
+    def __init__(self, factory):
+        self.factory = factory
+        self.lock = threading.Lock()
+        self.objects = {}
+
+    def get(self, *settings_values):
+        key = (os.getpid(),) + settings_values
+        value = self.objects.get(key)
+        if value is None:
+            with self.lock:
+                value = self.objects.get(key)
+                if value is None:
+                    self.objects.clear()
+                    value = self.objects[key] = self.factory(
+                        *settings_values)
+        return value
+
+    def clear(self):
+        self.objects.clear()
 
 
 def client():
     "Return the boto3 SQS client of this process."
-    key = _client_key()
-    transport = _local.get(key)
-    if transport is None:
-        with _lock:
-            transport = _local.get(key)
-            if transport is None:
-                _local.clear()
-                transport = _local[key] = Transport(*key[1:])
-    return transport
+    return _transports.get(settings.endpoint_url(), settings.region(),
+        settings.access_key(), settings.secret_key(), settings.max_attempts())
 
 
 class Transport:
@@ -501,3 +512,6 @@ class Transport:
                 return deleted
             self.delete_batch(url, [m['ReceiptHandle'] for m in messages])
             deleted += len(messages)
+
+
+_transports = ProcessCache(Transport)

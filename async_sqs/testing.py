@@ -134,7 +134,7 @@ def local_sqs():
         finally:
             _stop(process)
             # the client of this process keeps the URLs of that server
-            sqs._local.clear()
+            sqs._transports.clear()
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
