@@ -24,11 +24,10 @@ import time
 import uuid
 from collections import namedtuple
 
-import botocore.session
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from . import settings, sqs
+from . import clients, settings
 from .exceptions import MessageError, PayloadRefused, PayloadUnavailable
 from .message import (
     DIGEST_ATTRIBUTE, MAX_PACKED_SIZE, SIZE_ATTRIBUTE, decode_reply,
@@ -63,7 +62,7 @@ def client():
 def _create_client(endpoint_url, region, access_key, secret_key,
         max_attempts):
     # botocore's session, as sqs.Transport: boto3 would add s3transfer
-    return botocore.session.get_session().create_client('s3',
+    return clients.session().create_client('s3',
         region_name=region,
         endpoint_url=endpoint_url,
         aws_access_key_id=access_key,
@@ -75,7 +74,7 @@ def _create_client(endpoint_url, region, access_key, secret_key,
             tcp_keepalive=True))
 
 
-_clients = sqs.ProcessCache(_create_client)
+_clients = clients.ProcessCache(_create_client)
 
 
 def _code(exc):

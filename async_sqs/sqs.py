@@ -4,17 +4,14 @@
 import hashlib
 import json
 import logging
-import os
 import re
-import threading
 import time
 import uuid
 
-import botocore.session
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from . import settings
+from . import clients, settings
 from .exceptions import SendFailed
 
 logger = logging.getLogger(__name__)
@@ -35,16 +32,11 @@ MAX_DELAY = 900
 MAX_MESSAGE_SIZE = 1024 * 1024
 #: Most queue URLs one ListQueues call returns.
 MAX_LIST_RESULTS = 1000
-#: Region of the client preload() makes when none is configured: what it
-#: loads is the same for every region.
-PRELOAD_REGION = 'us-east-1'
 
 _NOT_IN_ALPHABET = re.compile(r'[^A-Za-z0-9_-]')
 _TASK_ID = re.compile(r'^[0-9a-f]{32}$')
 _MISSING_QUEUE_CODES = {
     'AWS.SimpleQueueService.NonExistentQueue', 'QueueDoesNotExist'}
-
-_loader = None
 
 
 def entry_size(entry):
@@ -212,54 +204,6 @@ def is_missing_queue(exc):
         and exc.response.get('Error', {}).get('Code') in _MISSING_QUEUE_CODES)
 
 
-def _session():
-    """Return a new botocore session that shares the process's data loader:
-    the SQS model and the endpoints of every service, megabytes once
-    parsed, are read once per process, and by the worker processes not at
-    all when preload() ran before they forked."""
-    global _loader
-    session = botocore.session.get_session()
-    # client() calls this under _lock; two threads racing here would only
-    # each keep a loader
-    if _loader is None:
-        _loader = session.get_component('data_loader')
-    session.register_component('data_loader', _loader)
-    return session
-
-
-def preload():
-    """Load what an SQS client is made of, without a client kept, a request
-    or credentials: done before the worker processes fork, they share it."""
-    _session().create_client('sqs',
-        region_name=settings.region() or PRELOAD_REGION,
-        aws_access_key_id='preload', aws_secret_access_key='preload')
-
-
-class ProcessCache:
-    """One object per process and settings, made on first use by factory
-    from the settings: a forked process, or new settings, make another."""
-
-    def __init__(self, factory):
-        self.factory = factory
-        self.lock = threading.Lock()
-        self.objects = {}
-
-    def get(self, *settings_values):
-        key = (os.getpid(),) + settings_values
-        value = self.objects.get(key)
-        if value is None:
-            with self.lock:
-                value = self.objects.get(key)
-                if value is None:
-                    self.objects.clear()
-                    value = self.objects[key] = self.factory(
-                        *settings_values)
-        return value
-
-    def clear(self):
-        self.objects.clear()
-
-
 def client():
     "Return the boto3 SQS client of this process."
     return _transports.get(settings.endpoint_url(), settings.region(),
@@ -273,7 +217,7 @@ class Transport:
             max_attempts):
         # botocore's session, as boto3's wraps it: boto3's own import adds
         # s3transfer and its resources, megabytes per worker process
-        self.sqs = _session().create_client('sqs',
+        self.sqs = clients.session().create_client('sqs',
             region_name=region,
             endpoint_url=endpoint_url,
             aws_access_key_id=access_key,
@@ -286,6 +230,10 @@ class Transport:
 
     def __repr__(self):
         return '<Transport %s>' % self.sqs.meta.endpoint_url
+
+    def close(self):
+        "Close the connections of the client: it opens new ones when used."
+        self.sqs.close()
 
     def url(self, name, create=True, attributes=None):
         "Return the URL of the queue, created on first use."
@@ -514,4 +462,4 @@ class Transport:
             deleted += len(messages)
 
 
-_transports = ProcessCache(Transport)
+_transports = clients.ProcessCache(Transport)

@@ -17,7 +17,7 @@ import threading
 
 from trytond import config
 
-from . import settings, sqs
+from . import clients, payload, settings, sqs
 from .limits import Watch
 from .message import check_signing
 from .process import WorkerProcess
@@ -48,6 +48,7 @@ def limit_malloc_arenas():
 def _child(options, queue_names, relay, watch):
     from trytond import commandline
     limit_malloc_arenas()
+    clients.inherit_from_parent()
     config.update_etc(options.configfile)
     commandline.config_log(options)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -78,15 +79,26 @@ def _record_time_limit(entry):
 
 
 def preload_pools(database_names):
-    """Initialise the pool of each database here, and load what an SQS
-    client is made of, before the worker processes fork, so that they share
-    those pages (copy-on-write), the processes started again too.
+    """Make the SQS client (and the S3 client, with a bucket), then
+    initialise the pool of each database here, before the worker processes
+    fork, so that they share those pages (copy-on-write) and take the
+    clients over, the processes started again too.
 
     No connection outlives it: a child must not use its parent's. A
     database whose pool fails here is left to each process, which tries
     again on its own."""
     from trytond import backend
     from trytond.pool import Pool
+    try:
+        # first: what botocore parses and drops is reused by the pools. The
+        # processes take these clients over; they make no request here.
+        sqs.client()
+        if settings.s3_bucket():
+            payload.client()
+    except Exception:
+        logger.warning("the SQS and S3 clients are left to each worker "
+            "process", exc_info=True)
+    gc.collect()
     for database_name in database_names:
         if database_name in Pool.database_list():
             continue
@@ -105,11 +117,6 @@ def preload_pools(database_names):
         except Exception:
             logger.warning("the connections to %s could not be closed",
                 database_name, exc_info=True)
-    try:
-        sqs.preload()
-    except Exception:
-        logger.warning("the SQS client is left to each worker process",
-            exc_info=True)
     # what the pools hold lives as long as the processes: the collector
     # leaves it, and so the shared pages, untouched
     gc.collect()
