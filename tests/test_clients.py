@@ -17,6 +17,7 @@ def test_endpoints_of_the_services_used_only():
         assert partition['regions'] and partition['dnsSuffix']
     aws, = [p for p in endpoints['partitions'] if p['partition'] == 'aws']
     assert {'sqs', 's3', 'sts'} <= set(aws['services'])
+    assert type(aws) is dict and type(aws['services']['sqs']) is dict
 
 
 def test_service_model_without_documentation():
