@@ -5,37 +5,22 @@ has committed."""
 import logging
 from collections import defaultdict
 
-from trytond.transaction import Transaction
-
 from . import payload, settings, sqs
+from .datamanager import JoinedDataManager
 from .message import message_group, signature_attributes
 from .rows import mark_queued
 
 logger = logging.getLogger(__name__)
 
 
-class Followup:
-    """What a retry or a cancel sends once its transaction has committed.
-
-    Shaped like the Outbox: kept during the transaction, sent in
-    tpc_finish, dropped in tpc_abort, one per transaction."""
+class Followup(JoinedDataManager):
+    """What a retry or a cancel sends once its transaction has committed:
+    kept during the transaction, sent in tpc_finish, dropped on abort."""
+    sort_key = 'async_sqs.followup'
 
     def __init__(self):
         self.resends = []
         self.replies = []
-
-    @classmethod
-    def of(cls, transaction=None):
-        "Return the followup joined to the transaction."
-        if transaction is None:
-            transaction = Transaction()
-        return transaction.join(cls())
-
-    def __eq__(self, other):
-        return isinstance(other, Followup)
-
-    def __hash__(self):
-        return hash(Followup)
 
     def resend(self, uuid, queue_name, body, reply):
         """Send the body again to the queue after the commit; with reply,
@@ -47,18 +32,6 @@ class Followup:
         queue reply_to, after the commit."""
         self.replies.append((uuid, body, reply_to))
 
-    def abort(self, trans):
-        self._drop()
-
-    def tpc_begin(self, trans):
-        pass
-
-    def commit(self, trans):
-        pass
-
-    def tpc_vote(self, trans):
-        pass
-
     def tpc_finish(self, trans):
         resends, self.resends = self.resends, []
         replies, self.replies = self.replies, []
@@ -66,12 +39,6 @@ class Followup:
             send_replies(replies)
         if resends:
             resend(trans.database.name, resends)
-
-    def tpc_abort(self, trans):
-        self._drop()
-
-    def sortKey(self):
-        return 'async_sqs.followup'
 
     def _drop(self):
         self.resends.clear()

@@ -17,32 +17,21 @@ from trytond.pool import Pool
 from trytond.transaction import Transaction
 
 from . import payload, settings, sqs, unique
+from .datamanager import JoinedDataManager
 from .message import message_entry, pack_bodies
 from .rows import mark_queued
 
 logger = logging.getLogger(__name__)
 
 
-class Outbox:
+class Outbox(JoinedDataManager):
     "The deferred calls of one transaction."
+    sort_key = 'async_sqs'
 
     def __init__(self):
         self.entries = []
         # the handles of the unique calls put, by key
         self.keys = {}
-
-    @classmethod
-    def of(cls, transaction=None):
-        "Return the outbox joined to the transaction."
-        if transaction is None:
-            transaction = Transaction()
-        return transaction.join(cls())
-
-    def __eq__(self, other):
-        return isinstance(other, Outbox)
-
-    def __hash__(self):
-        return hash(Outbox)
 
     def put(self, row, handle, delay=0, calls_per_message=1):
         """Keep the call until the transaction commits.
@@ -57,15 +46,6 @@ class Outbox:
     def unique_handle(self, key):
         "Return the handle of the call of that unique key put, or None."
         return self.keys.get(key)
-
-    def abort(self, trans):
-        self._drop()
-
-    def tpc_begin(self, trans):
-        pass
-
-    def commit(self, trans):
-        pass
 
     def tpc_vote(self, trans):
         if self.entries and not trans.readonly:
@@ -95,9 +75,6 @@ class Outbox:
             self._after_readonly(trans)
         else:
             self._drop()
-
-    def sortKey(self):
-        return 'async_sqs'
 
     def _drop(self):
         for _, handle, *_ in self.entries:
