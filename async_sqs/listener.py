@@ -58,6 +58,18 @@ def listener():
     return found
 
 
+def close_listeners(endpoint_url=None):
+    """Delete now the reply queues of the listeners of this process (of the
+    SQS endpoint given, or of all), as its exit would: before the SQS
+    server goes, in a test suite."""
+    with _lock:
+        listeners = [found for key, found in _listeners.items()
+            if key[0] == os.getpid()
+            and endpoint_url in (None, key[3])]
+    for found in listeners:
+        found.close()
+
+
 def process_queue_name():
     "Return the name of the reply queue of this process."
     return listener().queue_name
@@ -91,6 +103,8 @@ class Listener:
         # wait for its creation to register
         self.queue_lock = threading.RLock()
         self.closing = False
+        # once the process's queue is deleted for good
+        self.closed = False
         self._queue_name = None
         self.url = None
         self.alive_at = 0
@@ -291,6 +305,8 @@ class Listener:
     def open_queue(self):
         "Return the URL of the reply queue of the process, created if need."
         with self.queue_lock:
+            if self.closed:
+                raise RuntimeError("the reply queue of the process is closed")
             if self.url is None:
                 if not self.closing:
                     # before the creation: a process that ends meanwhile
@@ -314,18 +330,23 @@ class Listener:
 
     def close(self):
         "Delete the reply queue of the process: it exits."
-        if self.url is not None and self._queue_name is not None:
+        with self.queue_lock:
+            self.closed = True
+            url, self.url = self.url, None
+        with self.lock:
+            # the thread of the replies ends rather than wait for a handle
+            self.changed.notify_all()
+        if url is not None and self._queue_name is not None:
             try:
-                sqs.client().delete_queue(self._queue_name, url=self.url)
+                sqs.client().delete_queue(self._queue_name, url=url)
             except Exception:
                 logger.warning("reply queue %s could not be deleted",
                     self._queue_name, exc_info=True)
-            self.url = None
 
     def receive_replies(self):
         "Long-poll the reply queue of the process and hand out its replies."
         transport = sqs.client()
-        while True:
+        while not self.closed:
             try:
                 url = self.open_queue()
                 with self.lock:
@@ -335,6 +356,8 @@ class Listener:
                         continue
                 messages = transport.receive(url)
             except Exception as exc:
+                if self.closed:
+                    return
                 if sqs.is_missing_queue(exc):
                     # deleted under the process: a name of 60 s ago cannot
                     # be created again; the calls deferred before it reply

@@ -120,6 +120,7 @@ def local_sqs():
 
     It is stopped on exit, and the options set back."""
     from . import sqs
+    from .listener import close_listeners
     directory = tempfile.mkdtemp(prefix='async-sqs-moto-')
     try:
         process, url = start_moto_server(directory)
@@ -130,7 +131,11 @@ def local_sqs():
                         'access_key': 'testing',
                         'secret_key': 'testing-secret',
                         }):
-                yield url
+                try:
+                    yield url
+                finally:
+                    # the reply queue of the process goes with the server
+                    close_listeners(url)
         finally:
             _stop(process)
             # the client of this process keeps the URLs of that server

@@ -7,15 +7,17 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import uuid
 
 import pytest
-from conftest import wait_until
+from conftest import ENDPOINT, wait_until
 
 from trytond import config
 from trytond.exceptions import UserError
 from trytond.modules.async_sqs import (
     ResultTimeout, TaskCancelled, TaskFailed, TaskHandle, settings, sqs)
+from trytond.modules.async_sqs.listener import close_listeners, listener
 from trytond.modules.async_sqs.message import decode_call
 from trytond.modules.async_sqs.result import task_status
 from trytond.pool import Pool
@@ -333,5 +335,16 @@ def test_process_reply_queue(database, prefix, start_worker):
             'QueueUrls', [])
         assert [u.rsplit('/', 1)[1] for u in remaining] == [name]
         assert worker.output().count('reply dropped') == dropped
+        # what the exit does, done before the server goes: the queue is
+        # deleted and the listener's thread ends rather than create another
+        found = listener()
+        close_listeners(ENDPOINT)
+        assert not sqs.client().sqs.list_queues(
+            QueueNamePrefix=name).get('QueueUrls')
+        wait_until(lambda: not any(
+                t.name == 'async_sqs listener replies' and t.is_alive()
+                for t in threading.enumerate()))
+        with pytest.raises(RuntimeError):
+            found.open_queue()
     finally:
         config.set('async_sqs', 'reply_queue', '')
