@@ -76,6 +76,10 @@ os.environ.update({
 
 
 def pytest_unconfigure(config):
+    from trytond.modules.async_sqs.listener import close_listeners
+
+    # the reply queue of this process, before the server goes
+    close_listeners()
     if MOTO.poll() is None:
         os.killpg(MOTO.pid, signal.SIGTERM)
         MOTO.wait(10)
@@ -106,6 +110,30 @@ def prefix():
     config.set('async_sqs', 'queue_prefix', '')
 
 
+def write_config(path, prefix, options=None, head=''):
+    """Write a trytond.conf at path whose [async_sqs] section reaches the
+    test's moto server and queues, with options over it (None: left out),
+    after head."""
+    values = {
+        'endpoint_url': ENDPOINT,
+        'region': REGION,
+        'access_key': 'testing',
+        'secret_key': 'testing-secret',
+        'queue_prefix': prefix,
+        'wait_time': '1',
+        'secret': SECRET,
+        }
+    values.update(options or {})
+    with open(path, 'w') as fp:
+        fp.write(head)
+        fp.write('[async_sqs]\n')
+        for key, value in values.items():
+            if value is not None:
+                # a value of several lines goes on indented lines
+                fp.write('%s = %s\n' % (key, str(value).replace(
+                            '\n', '\n    ')))
+
+
 class Worker:
     "A trytond-async-worker process started by a test."
 
@@ -113,22 +141,7 @@ class Worker:
             options=None, args=()):
         self.directory = tempfile.mkdtemp(prefix='async-worker-')
         self.config_path = os.path.join(self.directory, 'trytond.conf')
-        values = {
-            'endpoint_url': ENDPOINT,
-            'region': REGION,
-            'access_key': 'testing',
-            'secret_key': 'testing-secret',
-            'queue_prefix': prefix,
-            'wait_time': '1',
-            'secret': SECRET,
-            }
-        values.update(options or {})
-        with open(self.config_path, 'w') as fp:
-            fp.write('[async_sqs]\n')
-            for key, value in values.items():
-                if value is not None:
-                    fp.write('%s = %s\n' % (key, value.replace('\n', '\n    ')
-                            if isinstance(value, str) else value))
+        write_config(self.config_path, prefix, options)
         self.log_path = os.path.join(self.directory, 'worker.log')
         # the log once the worker ended and its directory is removed
         self.final_output = None
@@ -269,23 +282,9 @@ class Server:
         self.config_path = os.path.join(self.directory, 'trytond.conf')
         self.port = free_port()
         self.url = 'http://127.0.0.1:%s' % self.port
-        values = {
-            'endpoint_url': ENDPOINT,
-            'region': REGION,
-            'access_key': 'testing',
-            'secret_key': 'testing-secret',
-            'queue_prefix': prefix,
-            'wait_time': '1',
-            'secret': SECRET,
-            }
-        values.update(options or {})
-        with open(self.config_path, 'w') as fp:
-            # the database is the one of the environment, as for the tests
-            fp.write('[web]\nlisten = 127.0.0.1:%s\n' % self.port)
-            fp.write('[async_sqs]\n')
-            for key, value in values.items():
-                if value is not None:
-                    fp.write('%s = %s\n' % (key, value))
+        # the database is the one of the environment, as for the tests
+        write_config(self.config_path, prefix, options,
+            head='[web]\nlisten = 127.0.0.1:%s\n' % self.port)
         self.log_path = os.path.join(self.directory, 'server.log')
         self.final_output = None
         self.log = open(self.log_path, 'w')

@@ -10,7 +10,7 @@ import tempfile
 import uuid
 
 import pytest
-from conftest import BIN, ENDPOINT, REGION, SECRET, items, wait_until
+from conftest import BIN, items, wait_until, write_config
 from test_reliability import queue_depth, row
 
 from trytond.modules.async_sqs import TaskFailed, TaskHandle, sqs
@@ -26,22 +26,9 @@ USER = 1
 
 def admin(database, prefix, *args, options=None):
     "Run trytond-async-admin with a configuration of the test's queues."
-    values = {
-        'endpoint_url': ENDPOINT,
-        'region': REGION,
-        'access_key': 'testing',
-        'secret_key': 'testing-secret',
-        'queue_prefix': prefix,
-        'wait_time': '1',
-        'secret': SECRET,
-        }
-    values.update(options or {})
     with tempfile.TemporaryDirectory(prefix='async-admin-') as directory:
         path = os.path.join(directory, 'trytond.conf')
-        with open(path, 'w') as fp:
-            fp.write('[async_sqs]\n')
-            for key, value in values.items():
-                fp.write('%s = %s\n' % (key, value))
+        write_config(path, prefix, options)
         command = [os.path.join(BIN, 'trytond-async-admin'), '-c', path]
         if database:
             command += ['-d', database]
