@@ -59,12 +59,13 @@ threaded server: a thread per connection) on a free port of 127.0.0.1 and
 a trytond-async-worker -n 2 beside it, ab -n N -c C (N=1000, C=500 unless
 given; apache2-utils installed with apt-get by scripts/lib.sh when
 missing, as root) POSTs to the fire-and-forget route (the no-op), to the
-route with ?wait=60 (the call that returns its argument) and to trytond's
-REST route, which runs that call in the request. After each run of a route
-of async_sqs it waits until every accepted call ended and checks that as
-many rows are done; it checks that no log holds a traceback, and prints
-the figures beside the seed's (347.8 and 53.9 requests/s); it exits with 1
-when a check failed.
+route with ?wait=60 (the call that returns its argument), to the same
+route served by a second trytond command whose reply_queue is process, and
+to trytond's REST route, which runs that call in the request. After each
+run of a route of async_sqs it waits until every accepted call ended and
+checks that as many rows are done; it checks that no log holds a
+traceback, and prints the figures beside the seed's (347.8 and 53.9
+requests/s); it exits with 1 when a check failed.
 
 It prints one table and writes every sample as a JSON line to
 bench/results/<timestamp>.jsonl. The environment of the trytond test suite
@@ -122,6 +123,8 @@ AB_TIMEOUT = 120
 #: --http: the names of the figures of each route
 HTTP_FIRE = 'HTTP async_sqs fire-and-forget (202)'
 HTTP_WAIT = 'HTTP async_sqs ?wait=%s (200)' % HTTP_WAIT_SECONDS
+HTTP_WAIT_PROCESS = 'HTTP async_sqs ?wait=%s, reply_queue = process (200)' % (
+    HTTP_WAIT_SECONDS)
 HTTP_REST = 'HTTP trytond REST, run in the request'
 #: The figures the seed published (tcelery-req-handler: ab -n 1000 -c 500,
 #: a 2-processor VM, Tornado, Celery and RabbitMQ, no database), req/s
@@ -685,7 +688,7 @@ class Bench:
         self.problems = []
 
     # -- setup
-    def write_config(self, prefix, name=None, web=None):
+    def write_config(self, prefix, name=None, web=None, reply_queue=None):
         """Write the configuration of a process; web is the address the
         trytond command listens on."""
         path = os.path.join(self.directory, (name or prefix) + '.conf')
@@ -702,6 +705,8 @@ class Bench:
                 'access_key = bench\nsecret_key = bench\nwait_time = 1\n'
                 'queue_prefix = %s\nsecret = %s\n' % (
                     database, self.moto.url, REGION, prefix, self.secret))
+            if reply_queue:
+                fp.write('reply_queue = %s\n' % reply_queue)
         return path
 
     def create_database(self):
@@ -1246,17 +1251,19 @@ class Bench:
                     for name in ('async_sqs', 'rest')])
             return {a.application: a.key for a in applications}
 
-    def http_server(self, prefix):
+    def http_server(self, prefix, reply_queue=None):
         "Start the trytond command on a free port; wait until it answers."
         for _ in range(3):
             port = free_port()
-            config_path = self.write_config(prefix, 'server-%s' % prefix,
-                web='127.0.0.1:%s' % port)
+            config_path = self.write_config(prefix, 'server-%s-%s' % (
+                    prefix, reply_queue or 'task'),
+                web='127.0.0.1:%s' % port, reply_queue=reply_queue)
             # no -v: the log holds the errors, with their tracebacks, and
             # not a line per request
             server = Process([os.path.join(BIN, 'trytond'),
                     '-c', config_path, '-d', DATABASE],
-                self.log_path('trytond'), env=self.env)
+                self.log_path('trytond-%s' % (reply_queue or 'task')),
+                env=self.env)
             url = 'http://127.0.0.1:%s' % port
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
@@ -1390,21 +1397,33 @@ class Bench:
 
     def http(self):
         """ab against the fire-and-forget route, its ?wait= and trytond's
-        REST route, served by the trytond command beside a worker."""
+        REST route, served by the trytond command beside a worker; and
+        the ?wait= again, served by a trytond command whose reply_queue is
+        process."""
         keys = self.create_keys()
         prefix = self.prefix()
         server, url = self.http_server(prefix)
+        try:
+            # another trytond command: the reply queue is the process's
+            process_server, process_url = self.http_server(prefix, 'process')
+        except Exception:
+            server.stop()
+            raise
         worker = self.async_worker(prefix, HTTP_WORKERS)
         try:
-            # a first call, not counted, waits for the worker to start
-            # and opens the queues
-            request = urllib.request.Request(
-                '%s/%s/async_sqs/model/%s/answer?wait=120' % (
-                    url, DATABASE, ITEM), data=b'{"value": 0}',
-                headers={'Authorization': 'bearer %s' % keys['async_sqs'],
-                    'Content-Type': 'application/json'})
-            urllib.request.urlopen(request, timeout=130).read()
+            for each in (url, process_url):
+                # a first call, not counted, waits for the worker to start
+                # and opens the queues
+                request = urllib.request.Request(
+                    '%s/%s/async_sqs/model/%s/answer?wait=120' % (
+                        each, DATABASE, ITEM), data=b'{"value": 0}',
+                    headers={
+                        'Authorization': 'bearer %s' % keys['async_sqs'],
+                        'Content-Type': 'application/json'})
+                urllib.request.urlopen(request, timeout=130).read()
             base = '%s/%s/async_sqs/model/%s' % (url, DATABASE, ITEM)
+            process_base = '%s/%s/async_sqs/model/%s' % (
+                process_url, DATABASE, ITEM)
             for r in range(self.options.repeat):
                 say("HTTP repeat %s/%s, -n %s -c %s" % (r + 1,
                         self.options.repeat, self.options.n,
@@ -1414,12 +1433,16 @@ class Bench:
                 self.http_run(HTTP_WAIT, base + '/answer?wait=%s' % (
                         HTTP_WAIT_SECONDS), {'value': 1}, keys['async_sqs'],
                     server, worker)
+                self.http_run(HTTP_WAIT_PROCESS,
+                    process_base + '/answer?wait=%s' % HTTP_WAIT_SECONDS,
+                    {'value': 1}, keys['async_sqs'], process_server, worker)
                 self.http_run(HTTP_REST, '%s/%s/rest/model/%s/answer' % (
                         url, DATABASE, ITEM), {'value': 1}, keys['rest'],
                     server)
         finally:
             worker.stop()
             server.stop()
+            process_server.stop()
 
 
 RESPONDER = r'''
@@ -1537,6 +1560,8 @@ def add_http_ratios(results):
         'seed: Tornado + Celery waiting, no database')
     r('fire-and-forget / REST run in the request', fire, rest)
     r('?wait / REST run in the request', wait, rest)
+    r('?wait, reply_queue = process / reply_queue = task',
+        '%s requests/s' % HTTP_WAIT_PROCESS, wait)
 
 
 def add_ratios(results, options):

@@ -57,6 +57,7 @@ USAGE_RATIOS = [
 HTTP_ROUTES = [
     'HTTP async_sqs fire-and-forget (202)',
     'HTTP async_sqs ?wait=60 (200)',
+    'HTTP async_sqs ?wait=60, reply_queue = process (200)',
     'HTTP trytond REST, run in the request',
     ]
 
@@ -142,7 +143,9 @@ def test_bench_http():
             assert n == 20 and median > 0, (route, figure, n, median)
         n, failed = rows['%s failed + non-2xx' % route]
         assert failed == 0, (route, output)
-    for route in HTTP_ROUTES[:2]:
+    for route in HTTP_ROUTES[:3]:
         n, rate = rows['%s, all calls done' % route]
         assert n == 20 and rate > 0, (route, n, rate)
     assert 'fire-and-forget / seed 347.8' in output, output
+    assert '?wait, reply_queue = process / reply_queue = task' in output, (
+        output)
