@@ -124,7 +124,8 @@ def inherit_from_parent():
 
     A client costs each process that makes one some 2 MiB of resident
     memory, most of it OpenSSL's code run by a new SSL context: made once
-    before the fork, it is shared."""
+    before the fork, it is shared. No thread of the parent may be using
+    them as it forks: a lock held then stays held in the child."""
     parent_pid = os.getppid()
     for cache in _caches:
         cache.inherit(parent_pid)
