@@ -294,32 +294,32 @@ def children(pid):
     return pids
 
 
-def rss_mib(pid):
+def proc_mib(pid, path, field):
+    """Return in MiB the field (in kB) of /proc/PID/path, or None once the
+    process is gone."""
     try:
-        with open('/proc/%s/status' % pid) as fp:
+        with open('/proc/%s/%s' % (pid, path)) as fp:
             for line in fp:
-                if line.startswith('VmRSS:'):
+                if line.startswith(field + ':'):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
     return None
+
+
+def rss_mib(pid):
+    "Return the resident set size in MiB: shared pages count in full."
+    return proc_mib(pid, 'status', 'VmRSS')
+
+
+def pss_mib(pid):
+    "Return the proportional set size in MiB: shared pages count a share."
+    return proc_mib(pid, 'smaps_rollup', 'Pss')
 
 
 def own_cpu():
     "Return the user+system CPU seconds of this process (finer than ticks)."
     return time.process_time()
-
-
-def pss_mib(pid):
-    "Return the proportional set size in MiB: shared pages count a share."
-    try:
-        with open('/proc/%s/smaps_rollup' % pid) as fp:
-            for line in fp:
-                if line.startswith('Pss:'):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 def process_cpu(pid):
