@@ -128,7 +128,15 @@ def test_postgresql_restarted_mid_drain(database, prefix, start_worker):
     wait_until(done_once_reachable, timeout=240)
     assert sorted(v for _, v in items(database, name)) == list(range(120))
     assert_alive(worker, 2)
-    assert {row(database, h.task_id)['attempts'] for h in handles} == {1}
+    # competing receives are not atomic: SQS (moto too) may hand a message
+    # to both processes, and the row then counts the second receive,
+    # whichever ran; the other is skipped. A database error counts none.
+    twice = set(re.findall(r'<Task ([0-9a-f]{32}) [^>]*> skipped: done '
+            'already', worker.output()))
+    attempts = {h.task_id: row(database, h.task_id)['attempts']
+        for h in handles}
+    assert {t: a for t, a in attempts.items() if a != 1} == {
+        t: 2 for t, a in attempts.items() if a != 1 and t in twice}
 
 
 @pytest.mark.skipif(backend.name != 'sqlite', reason="an SQLite file lock")
